@@ -1,0 +1,346 @@
+"""The pipeline YAML as typed pydantic models.
+
+Unknown keys are errors everywhere. Every error names the YAML path of the bad field (``stages[1].min_width``)
+and what is allowed there, so a bad config fails before any work starts, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "ConfigError",
+    "ExecutorConfig",
+    "InputConfig",
+    "OutputConfig",
+    "PipelineConfig",
+    "StageSpec",
+    "StrictModel",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """A config or usage problem, found before any work starts. The CLI exits with code 2."""
+
+    def __init__(self, problems: list[tuple[str, str]] | str, source: str | None = None):
+        if isinstance(problems, str):
+            problems = [("", problems)]
+        self.problems = problems
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = f"invalid pipeline config{f' {self.source}' if self.source else ''}:"
+        lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in self.problems]
+        return "\n".join([head, *lines])
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "txt"]
+
+
+class InputConfig(StrictModel):
+    path: str = Field(description="file, glob or directory; local or any fsspec URL")
+    format: InputFormat | None = Field(None, description="inferred from the file suffix when absent")
+    url_col: str = "url"
+    caption_col: str | None = Field("caption", description="null for inputs with no caption (txt)")
+
+
+class OutputConfig(StrictModel):
+    path: str = Field(description="output folder; local or any fsspec URL")
+    text_column: str = Field("caption", description="the column written as <uid>.txt, the training caption")
+
+
+class ExecutorConfig(StrictModel):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray cluster to join; else RAY_ADDRESS; else a local one")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray cluster started by curate")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray cluster started by curate")
+    dashboard: bool = Field(False, description="start Ray's dashboard with a local cluster")
+    object_store_memory: int | None = Field(None, gt=0, description="bytes; caps in-flight shards under Ray")
+    max_shard_retries: int = Field(
+        2, ge=0, description="a failing shard is retried this often, then reported"
+    )
+
+
+class Resources(StrictModel):
+    """Per-stage overrides of what a stage declares it needs."""
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+    concurrency: int | tuple[int, int] | None = Field(None, description="actors: a size or (min, max)")
+    batch_size: int | None = Field(None, gt=0)
+
+
+_RESERVED_STAGE_KEYS = ("stage", "name", "resources")
+
+
+class StageSpec(BaseModel):
+    """One item of ``stages``: ``{stage: <registered name>, name: <unique name>, resources: {...}, **params}``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    stage: str
+    name: str
+    resources: Resources = Field(default_factory=Resources)
+    config: Any = Field(description="the stage's own validated Config")
+
+    def params(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+
+class PipelineConfig(StrictModel):
+    name: str
+    input: InputConfig
+    output: OutputConfig
+    shard_size: int = Field(10_000, gt=0)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    stages: list[StageSpec] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the output. Executor settings and resources do not count:
+        the same pipeline gives the same output on every executor."""
+        return hashlib.sha256(canonical_json(self.output_relevant()).encode()).hexdigest()[:16]
+
+    def output_relevant(self) -> dict[str, Any]:
+        return {
+            "input": self.input.model_dump(mode="json"),
+            "output": {"text_column": self.output.text_column},
+            "shard_size": self.shard_size,
+            "stages": [{"stage": s.stage, "name": s.name, **s.params()} for s in self.stages],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude={"stages"})
+        d["stages"] = [
+            {"stage": s.stage, "name": s.name, **s.params()}
+            | ({"resources": s.resources.model_dump(exclude_none=True)} if s.resources != Resources() else {})
+            for s in self.stages
+        ]
+        return d
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, apply ``--set`` overrides and ``${ENV}`` interpolation, and validate it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {source}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", source) from None
+    return parse_config(raw, overrides, source=source)
+
+
+def parse_config(raw: Any, overrides: list[str] | None = None, source: str | None = None) -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a mapping (name:, input:, output:, stages: ...)", source)
+    raw = apply_overrides(raw, overrides or [], source)
+    raw = _interpolate(raw, "", source)
+
+    stage_items = raw.get("stages") or []
+    if not isinstance(stage_items, list):
+        raise ConfigError([("stages", "must be a list of {stage: <name>, ...} items")], source)
+    problems: list[tuple[str, str]] = []
+    specs = _parse_stages(stage_items, problems)
+
+    top = {k: v for k, v in raw.items() if k != "stages"}
+    try:
+        cfg = PipelineConfig.model_validate(top)
+    except ValidationError as e:
+        problems = _pydantic_problems(e, "", PipelineConfig) + problems
+        raise ConfigError(problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    cfg.stages = specs
+    return cfg
+
+
+def _parse_stages(items: list[Any], problems: list[tuple[str, str]]) -> list[StageSpec]:
+    from curate.registry import STAGES
+
+    specs: list[StageSpec] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        where = f"stages[{i}]"
+        if not isinstance(item, dict) or "stage" not in item:
+            problems.append((where, "must be a mapping with a 'stage' key naming a registered stage"))
+            continue
+        kind = item["stage"]
+        cls = STAGES.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            problems.append(
+                (f"{where}.stage", f"unknown stage {kind!r}; registered: {', '.join(sorted(STAGES))}")
+            )
+            continue
+        name = item.get("name", kind)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            problems.append((f"{where}.name", "must be a word of letters, digits, '_', '-' or '.'"))
+            continue
+        if name in seen:
+            problems.append(
+                (
+                    f"{where}.name",
+                    f"{name!r} is already the name of stages[{seen[name]}]; give each a unique name",
+                )
+            )
+            continue
+        seen[name] = i
+        params = {k: v for k, v in item.items() if k not in _RESERVED_STAGE_KEYS}
+        ok = True
+        try:
+            resources = Resources.model_validate(item.get("resources") or {})
+        except ValidationError as e:
+            problems.extend(_pydantic_problems(e, f"{where}.resources", Resources))
+            ok = False
+        try:
+            stage_config = cls.Config.model_validate(params)
+        except ValidationError as e:
+            problems.extend(_pydantic_problems(e, where, cls.Config))
+            ok = False
+        if ok:
+            specs.append(StageSpec(stage=kind, name=name, resources=resources, config=stage_config))
+    return specs
+
+
+def _pydantic_problems(err: ValidationError, prefix: str, model: type[BaseModel]) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        path = prefix
+        for part in e["loc"]:
+            path = f"{path}[{part}]" if isinstance(part, int) else (f"{path}.{part}" if path else str(part))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, e["loc"][:-1])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif e["type"] == "missing":
+            msg = "required, but missing"
+        else:
+            msg = (
+                f"{msg} (got {e.get('input')!r})"
+                if "input" in e and not isinstance(e["input"], dict)
+                else msg
+            )
+        out.append((path, msg))
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (nested) model at ``loc``, for 'unknown key' messages."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    names = list(model.model_fields)
+    if model is PipelineConfig:
+        names.append("stages")
+    return sorted(names)
+
+
+# --- overrides and interpolation ---------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str | None = None) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; values are parsed as YAML (``3`` is a number, ``[a, b]`` a list).
+
+    Stages are addressed by their name (``stages.filter.min_width=64``) or position (``stages.0.min_width``).
+    """
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([(f"--set {item}", "expected KEY=VALUE, e.g. --set shard_size=1000")], source)
+        value = "" if text == "" else yaml.safe_load(text)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_stage_index(node, part, item, source)]
+            else:
+                if not isinstance(node.get(part, {}), (dict, list)):
+                    where = ".".join(parts[: depth + 1])
+                    raise ConfigError([(f"--set {item}", f"{where} is not a mapping")], source)
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_stage_index(node, last, item, source)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _stage_index(stages: list[Any], part: str, item: str, source: str | None) -> int:
+    if part.isdigit() and int(part) < len(stages):
+        return int(part)
+    names = [s.get("name", s.get("stage")) if isinstance(s, dict) else None for s in stages]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(
+        [(f"--set {item}", f"no stage named {part!r}; stages: {', '.join(str(n) for n in names) or 'none'}")],
+        source,
+    )
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, source: str | None) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string value."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), source) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", source) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match) -> str:
+            value = os.environ.get(m.group(1), m.group(2))
+            if value is None:
+                raise ConfigError(
+                    [
+                        (
+                            path,
+                            f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}})",
+                        )
+                    ],
+                    source,
+                )
+            return value
+
+        return _ENV.sub(sub, node)
+    return node

@@ -1,0 +1,239 @@
+"""Execution on Ray Data: one dataset row per shard.
+
+A row carries the shard's id and spec, its table as Arrow IPC bytes, the stage timings and an error.
+Consecutive stages without a model run as Ray tasks (Ray fuses them); each stage with a model (or GPUs)
+runs as an actor pool, so its ``setup()`` runs once per actor. An exception in a stage is caught per shard
+and travels as the row's error, so one bad shard never aborts the dataset; failed shards are retried in
+a new round, then reported.
+
+``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked);
+``executor.address`` or ``RAY_ADDRESS`` joins an existing one. A cluster that is already initialised in
+this process (a test session's, a notebook's) is used as it is and left running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from curate.config import ExecutorConfig
+from curate.executors import OnResult
+from curate.pipeline import BoundStage, PhaseJob, ShardResult
+from curate.reader import ShardSpec
+
+_ROW_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("data", pa.large_binary()),
+        ("timings", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+def _rows(batch: pa.Table) -> Iterator[dict[str, Any]]:
+    yield from batch.to_pylist()
+
+
+def _out(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+
+
+class _Load:
+    """Task: read the shard (from the input or the previous phase) into the row."""
+
+    def __init__(self, job: PhaseJob):
+        self.job = job
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in _rows(batch):
+            spec = ShardSpec.from_dict(json.loads(row["shard"]))
+            try:
+                table, timings = self.job.load(spec)
+                out.append({**row, "data": _to_ipc(table), "timings": json.dumps(timings), "error": None})
+            except Exception:
+                out.append({**row, "data": b"", "timings": "{}", "error": traceback.format_exc()})
+        return _out(out)
+
+
+class _Apply:
+    """Task or actor: run a group of stages on each shard of the batch. As an actor, ``setup()`` of each
+    stage runs once, when the actor starts."""
+
+    def __init__(self, job: PhaseJob, stages: list[BoundStage], eager_setup: bool = False):
+        self.job = job
+        self.stages = stages
+        if eager_setup:
+            for bound in stages:
+                bound.stage.setup()
+                job._ready.add(id(bound))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in _rows(batch):
+            if row["error"] is not None:
+                out.append(row)
+                continue
+            try:
+                timings = json.loads(row["timings"])
+                table = self.job.apply(self.stages, _from_ipc(row["data"]), timings)
+                out.append({**row, "data": _to_ipc(table), "timings": json.dumps(timings)})
+            except Exception:
+                out.append({**row, "data": b"", "error": traceback.format_exc()})
+        return _out(out)
+
+
+class _Sink:
+    """Task: write the shard; the row that comes back is small (stats, no data)."""
+
+    def __init__(self, job: PhaseJob):
+        self.job = job
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in _rows(batch):
+            result = {"shard": row["shard"], "data": b"", "timings": "{}", "error": row["error"]}
+            if row["error"] is None:
+                try:
+                    spec = ShardSpec.from_dict(json.loads(row["shard"]))
+                    stats = self.job.sink(spec, _from_ipc(row["data"]), json.loads(row["timings"]))
+                    result["timings"] = json.dumps(stats)
+                except Exception:
+                    result["error"] = traceback.format_exc()
+            out.append(result)
+        return _out(out)
+
+
+class _ApplyActor(_Apply):
+    def __init__(self, job: PhaseJob, stages: list[BoundStage]):
+        super().__init__(job, stages, eager_setup=True)
+
+
+def _groups(stages: list[BoundStage]) -> list[list[BoundStage]]:
+    """Consecutive task stages together; each actor stage alone."""
+    groups: list[list[BoundStage]] = []
+    for bound in stages:
+        if bound.resources.needs_actor or not groups or groups[-1][-1].resources.needs_actor:
+            groups.append([bound])
+        else:
+            groups[-1].append(bound)
+    return groups
+
+
+class RayExecutor:
+    def __init__(self, config: ExecutorConfig):
+        self.config = config
+        self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        if not ray.is_initialized():
+            address = self.config.address or os.environ.get("RAY_ADDRESS")
+            kwargs: dict[str, Any] = {
+                "log_to_driver": False,
+                "logging_level": logging.ERROR,
+                "include_dashboard": self.config.dashboard,
+            }
+            if address is None:
+                kwargs.update(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus)
+            ray.init(address=address, **kwargs)
+            self._started = True
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        if self.config.object_store_memory:
+            ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+                object_store_memory=self.config.object_store_memory
+            )
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+    def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
+        pending = list(specs)
+        by_id = {s.id: s for s in specs}
+        tries = 1 + self.config.max_shard_retries
+        for attempt in range(1, tries + 1):
+            if not pending:
+                return
+            failed: list[ShardResult] = []
+            for result in self._run_once(job, pending):
+                result.attempts = attempt
+                if result.ok:
+                    on_result(result)
+                else:
+                    failed.append(result)
+            if attempt == tries:
+                for result in failed:
+                    on_result(result)
+            pending = [by_id[r.shard] for r in failed]
+
+    def _actor_sizing(self, bound: BoundStage) -> dict[str, Any]:
+        import ray
+
+        res = bound.resources
+        total_cpus = ray.cluster_resources().get("CPU", 1)
+        if res.concurrency is not None:
+            concurrency = res.concurrency
+        elif res.gpus > 0:
+            total_gpus = ray.cluster_resources().get("GPU", 0)
+            concurrency = max(1, int(total_gpus // res.gpus))
+        else:
+            # Leave a CPU for the read and write tasks: actors holding every CPU starve them and hang.
+            concurrency = (1, max(1, int((total_cpus - 1) // max(res.cpus, 1e-3))))
+        cpus = min(res.cpus, max(total_cpus - 1, 0.5))
+        return {"concurrency": concurrency, "num_cpus": cpus, "num_gpus": res.gpus or None}
+
+    def _run_once(self, job: PhaseJob, specs: list[ShardSpec]) -> Iterator[ShardResult]:
+        import ray
+
+        items = [
+            {"shard": json.dumps(s.to_dict()), "data": b"", "timings": "{}", "error": None} for s in specs
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        common = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
+        ds = ds.map_batches(_Load(job), num_cpus=1, **common)
+        for group in _groups(job.stages):
+            if group[0].resources.needs_actor:
+                ds = ds.map_batches(
+                    _ApplyActor, fn_constructor_args=(job, group), **self._actor_sizing(group[0]), **common
+                )
+            else:
+                ds = ds.map_batches(
+                    _Apply(job, group), num_cpus=max(b.resources.cpus for b in group), **common
+                )
+        ds = ds.map_batches(_Sink(job), num_cpus=1, **common)
+        for row in ds.iter_rows():
+            shard = json.loads(row["shard"])["id"]
+            if row["error"] is not None:
+                yield ShardResult(shard, error=row["error"])
+            else:
+                yield ShardResult(shard, stats=json.loads(row["timings"]))

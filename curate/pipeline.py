@@ -1,0 +1,253 @@
+"""A pipeline: the input reader, the stages in order, and the writer; checked as a whole before any work.
+
+Stages run shard by shard. A :class:`GlobalStage` splits the pipeline into phases: every shard goes through
+the stages before it and is kept under ``work/phase<k>/``; then the global stage fits once on all of them;
+then the next phase starts with that stage applying its decision to each shard. The last phase ends in the
+:class:`ShardWriter`. Executors run a :class:`PhaseJob` over shards and know nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from curate.config import ConfigError, PipelineConfig
+from curate.reader import InputReader, ShardSpec
+from curate.registry import STAGES
+from curate.schema import COLUMNS, is_kept
+from curate.stage import GlobalStage, Stage, StageResources
+from curate.storage import filesystem, write_atomic
+from curate.writer import ShardWriter
+
+__all__ = ["BoundStage", "PhaseJob", "PhaseShards", "Pipeline", "ShardResult"]
+
+
+@dataclass
+class BoundStage:
+    """A stage with the name it has in this pipeline and the resources it gets."""
+
+    name: str
+    stage: Stage
+    resources: StageResources
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    stats: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.reader = InputReader(config.input)
+        self.stages = [
+            BoundStage(
+                spec.name,
+                STAGES[spec.stage](spec.config),
+                STAGES[spec.stage].resources.merged(spec.resources),
+            )
+            for spec in config.stages
+        ]
+        self.writer = ShardWriter(config.output.path, config.output.text_column)
+        _, self.root = filesystem(config.output.path)
+        for bound in self.stages:
+            if isinstance(bound.stage, GlobalStage):
+                bound.stage.state_path = self.state_path(bound.name)
+
+    def state_path(self, stage_name: str) -> str:
+        fs, root = filesystem(self.config.output.path)
+        return (
+            fs.unstrip_protocol(f"{root}/global/{stage_name}")
+            if _remote(fs)
+            else f"{root}/global/{stage_name}"
+        )
+
+    # --- the check before any work ---------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Check the column flow: every column a stage reads is written by the input or an earlier stage,
+        and every column a stage writes is declared in the schema. Returns the columns at the end."""
+        problems: list[tuple[str, str]] = []
+        available = self.reader.column_names()
+        for i, bound in enumerate(self.stages):
+            where = f"stages[{i}] ({bound.name})"
+            for col in bound.stage.reads:
+                if col not in available:
+                    hint = COLUMNS[col].writer if col in COLUMNS else None
+                    problems.append(
+                        (
+                            where,
+                            f"reads column {col!r}, which neither the input nor an earlier stage writes"
+                            + (f"; it is written by the {hint!r} stage" if hint and hint != "input" else ""),
+                        )
+                    )
+            for col in bound.stage.writes:
+                if col not in COLUMNS:
+                    problems.append((where, f"writes column {col!r}, which curate.schema does not declare"))
+                elif col not in available:
+                    available.append(col)
+        text = self.config.output.text_column
+        if text not in available:
+            problems.append(("output.text_column", f"column {text!r} is written by no stage nor the input"))
+        if problems:
+            raise ConfigError(problems)
+        return available
+
+    def phases(self) -> list[list[BoundStage]]:
+        """The stages cut at each global stage; a global stage starts the phase that applies it."""
+        phases: list[list[BoundStage]] = [[]]
+        for bound in self.stages:
+            if isinstance(bound.stage, GlobalStage):
+                phases.append([])
+            phases[-1].append(bound)
+        return phases
+
+    def job(self, index: int) -> PhaseJob:
+        phases = self.phases()
+        return PhaseJob(
+            index=index,
+            stages=phases[index],
+            reader=self.reader if index == 0 else None,
+            source_dir=f"{self.root}/work/phase{index - 1}" if index > 0 else None,
+            sink_dir=f"{self.root}/work/phase{index}" if index < len(phases) - 1 else None,
+            writer=self.writer,
+            output_path=self.config.output.path,
+        )
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for bound in self.stages:
+            r = bound.resources
+            rows.append(
+                {
+                    "name": bound.name,
+                    "stage": bound.stage.name,
+                    "kind": "global" if isinstance(bound.stage, GlobalStage) else "per-shard",
+                    "reads": list(bound.stage.reads),
+                    "writes": list(bound.stage.writes),
+                    "cpus": r.cpus,
+                    "gpus": r.gpus,
+                    "runs_as": "actor pool" if r.needs_actor else "tasks",
+                    "concurrency": r.concurrency,
+                    "batch_size": r.batch_size,
+                }
+            )
+        return rows
+
+
+def _remote(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol not in ("file", "local")
+
+
+@dataclass
+class PhaseJob:
+    """Everything needed to take one shard through one phase: where it comes from, the stages, where it goes.
+
+    Pickles cheaply (stages hold no heavy state until ``setup()``), so executors ship it to workers.
+    """
+
+    index: int
+    stages: list[BoundStage]
+    reader: InputReader | None
+    source_dir: str | None
+    sink_dir: str | None
+    writer: ShardWriter
+    output_path: str
+    _ready: set[int] = field(default_factory=set, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy shipped to a worker sets its stages up again there.
+        return {**self.__dict__, "_ready": set()}
+
+    @property
+    def final(self) -> bool:
+        return self.sink_dir is None
+
+    def load(self, spec: ShardSpec) -> tuple[pa.Table, dict[str, Any]]:
+        """The shard as it enters this phase, with the stage timings of earlier phases."""
+        if self.reader is not None:
+            start = time.perf_counter()
+            table = self.reader.load(spec)
+            return table, {"read": {"seconds": time.perf_counter() - start, "kept": _kept(table)}}
+        fs, _ = filesystem(self.output_path)
+        with fs.open(f"{self.source_dir}/{spec.id}.arrow", "rb") as f:
+            reader = pa.ipc.open_file(f)
+            table = reader.read_all()
+            timings = json.loads(reader.schema.metadata[b"curate.timings"])
+        return table, timings
+
+    def apply(self, stages: Sequence[BoundStage], table: pa.Table, timings: dict[str, Any]) -> pa.Table:
+        for bound in stages:
+            if id(bound) not in self._ready:
+                bound.stage.setup()
+                self._ready.add(id(bound))
+            start = time.perf_counter()
+            table = bound.stage(table)
+            timings[bound.name] = {"seconds": time.perf_counter() - start, "kept": _kept(table)}
+        return table
+
+    def sink(self, spec: ShardSpec, table: pa.Table, timings: dict[str, Any]) -> dict[str, Any]:
+        """Write the shard: the final output in the last phase, else an Arrow file for the next phase."""
+        stage_stats = {
+            name: {"seconds": round(t["seconds"], 6), "kept": t["kept"]} for name, t in timings.items()
+        }
+        if self.final:
+            return self.writer.write(spec.id, table, {"stages": stage_stats})
+        fs, _ = filesystem(self.output_path)
+        fs.makedirs(self.sink_dir, exist_ok=True)
+        meta = {**(table.schema.metadata or {}), b"curate.timings": json.dumps(timings).encode()}
+        buf = io.BytesIO()
+        with pa.ipc.new_file(buf, table.schema.with_metadata(meta)) as w:
+            w.write_table(table)
+        write_atomic(fs, f"{self.sink_dir}/{spec.id}.arrow", buf.getvalue())
+        return {"shard": spec.id, "phase": self.index, "rows": table.num_rows, "kept": _kept(table)}
+
+    def process(self, spec: ShardSpec) -> dict[str, Any]:
+        table, timings = self.load(spec)
+        table = self.apply(self.stages, table, timings)
+        return self.sink(spec, table, timings)
+
+    def done(self, spec: ShardSpec) -> bool:
+        fs, _ = filesystem(self.output_path)
+        if self.final:
+            return fs.exists(self.writer.paths(spec.id)["stats"])
+        return fs.exists(f"{self.sink_dir}/{spec.id}.arrow")
+
+
+def _kept(table: pa.Table) -> int:
+    return int(is_kept(table).cast(pa.int64()).to_numpy().sum()) if table.num_rows else 0
+
+
+class PhaseShards:
+    """What a global stage's ``fit`` sees: the shards as the stages before it left them."""
+
+    def __init__(self, output_path: str, phase_dir: str, ids: list[str]):
+        self.output_path = output_path
+        self.phase_dir = phase_dir
+        self.ids = ids
+
+    def read(self, shard_id: str, columns: list[str] | None = None) -> pa.Table:
+        fs, _ = filesystem(self.output_path)
+        with fs.open(f"{self.phase_dir}/{shard_id}.arrow", "rb") as f:
+            table = pa.ipc.open_file(f).read_all()
+        return table.select(columns) if columns else table
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)

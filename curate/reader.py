@@ -1,0 +1,300 @@
+"""Reads the input (one or many files, local or any fsspec URL) and cuts it into shards.
+
+Shards are cut from the input in order: files sorted by path, rows in file order, ``shard_size`` rows each,
+so shard ``00042`` always holds the same rows. Planning reads only what it must to count rows (parquet
+metadata; text formats whole), and a worker reads only its shard's rows.
+
+Every input row comes out as one row of a shard table: a row whose URL is null or unusable is kept with
+``status=invalid_url``, a repeat of an earlier (url, caption) pair in the same shard with
+``status=duplicate_row``. Nothing is dropped silently. Blank lines of a ``txt`` input are not rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from curate.config import InputConfig
+from curate.schema import COLUMNS, CORE_COLUMNS, uid_for
+
+__all__ = ["InputError", "InputReader", "Segment", "ShardSpec", "format_of"]
+
+_SUFFIXES = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".txt": "txt",
+}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+
+
+class InputError(ValueError):
+    """The input cannot be read: no files, a malformed file, a missing column. Names the file."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a shard is made of: rows ``[start, stop)`` of one or more input files."""
+
+    id: str
+    first_row: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.stop - s.start for s in self.segments)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "first_row": self.first_row, "segments": [vars(s) for s in self.segments]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardSpec:
+        return cls(d["id"], d["first_row"], tuple(Segment(**s) for s in d["segments"]))
+
+
+def format_of(path: str) -> str | None:
+    name = path.lower()
+    for comp in _COMPRESSION:
+        name = name.removesuffix(comp)
+    for suffix, fmt in _SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+class InputReader:
+    def __init__(self, config: InputConfig):
+        self.config = config
+        self.fs, _ = fsspec.core.url_to_fs(config.path)
+
+    # --- discovery and planning ------------------------------------------------------------------
+
+    @functools.cached_property
+    def files(self) -> list[str]:
+        """The input files, sorted. A directory means every file in it (recursively) of a known format."""
+        path = self.config.path
+        fs = self.fs
+        if any(ch in path for ch in "*?["):
+            found = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        elif fs.isdir(path):
+            found = sorted(
+                p
+                for p in fs.find(path)
+                if not p.rsplit("/", 1)[-1].startswith((".", "_"))
+                and (format_of(p) == self.config.format if self.config.format else format_of(p))
+            )
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise InputError(f"input.path: {path} does not exist")
+        if not found:
+            raise InputError(f"input.path: no input files match {path}")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol not in ("file", "local"):
+            found = [fs.unstrip_protocol(p) for p in found]
+        for p in found:
+            self._format(p)  # fail early on a file we cannot read
+        return found
+
+    def _format(self, path: str) -> str:
+        fmt = self.config.format or format_of(path)
+        if fmt is None:
+            raise InputError(
+                f"{path}: cannot tell the format from the name; set input.format to one of "
+                "parquet, csv, tsv, jsonl, txt"
+            )
+        return fmt
+
+    def count_rows(self, path: str) -> int:
+        if self._format(path) == "parquet":
+            try:
+                with self.fs.open(path, "rb") as f:
+                    return pq.ParquetFile(f).metadata.num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{path}: not a readable parquet file: {e}") from None
+        return self._read_file(path).num_rows
+
+    def plan(self, shard_size: int) -> list[ShardSpec]:
+        """Cut the input into shards of ``shard_size`` rows; the last one may be smaller."""
+        shards: list[ShardSpec] = []
+        current: list[Segment] = []
+        filled = 0
+        total = 0
+        for path in self.files:
+            n = self.count_rows(path)
+            pos = 0
+            while pos < n:
+                take = min(shard_size - filled, n - pos)
+                current.append(Segment(path, pos, pos + take))
+                pos += take
+                filled += take
+                if filled == shard_size:
+                    shards.append(ShardSpec(f"{len(shards):05d}", total, tuple(current)))
+                    total += filled
+                    current, filled = [], 0
+        if current:
+            shards.append(ShardSpec(f"{len(shards):05d}", total, tuple(current)))
+        return shards
+
+    def column_names(self) -> list[str]:
+        """The columns a shard table will have, from the first file: the core columns, then the rest."""
+        path = self.files[0]
+        if self._format(path) == "parquet":
+            with self.fs.open(path, "rb") as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        else:
+            names = self._read_file(path).column_names
+        return list(CORE_COLUMNS) + [self._carried_name(n) for n in names if n not in self._input_keys()]
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def load(self, spec: ShardSpec) -> pa.Table:
+        """The shard's rows as a table with the core columns first, then the carried input columns."""
+        parts = [self._read_segment(seg) for seg in spec.segments]
+        raw = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+        return self._normalise(raw, spec.first_row)
+
+    def _read_segment(self, seg: Segment) -> pa.Table:
+        if self._format(seg.path) == "parquet":
+            try:
+                with self.fs.open(seg.path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    groups, offset, first = [], 0, None
+                    for g in range(pf.metadata.num_row_groups):
+                        n = pf.metadata.row_group(g).num_rows
+                        if offset + n > seg.start and offset < seg.stop:
+                            groups.append(g)
+                            first = offset if first is None else first
+                        offset += n
+                    table = pf.read_row_groups(groups)
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{seg.path}: not a readable parquet file: {e}") from None
+            return table.slice(seg.start - (first or 0), seg.stop - seg.start)
+        return self._read_file(seg.path).slice(seg.start, seg.stop - seg.start)
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one reader per run; keeps the file a shard spans
+    def _read_file(self, path: str) -> pa.Table:
+        fmt = self._format(path)
+        c = self.config
+        try:
+            with fsspec.open(path, "rb", compression="infer") as f:
+                data = f.read()
+            if fmt == "txt":
+                lines = [ln.strip() for ln in data.decode("utf-8", errors="replace").splitlines()]
+                return pa.table({c.url_col: pa.array([ln for ln in lines if ln], pa.string())})
+            strings = {col: pa.string() for col in (c.url_col, c.caption_col) if col}
+            if fmt in ("csv", "tsv"):
+                return pacsv.read_csv(
+                    io.BytesIO(data),
+                    parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                    convert_options=pacsv.ConvertOptions(column_types=strings),
+                )
+            return pajson.read_json(io.BytesIO(data))
+        except (pa.ArrowException, OSError, UnicodeError) as e:
+            raise InputError(f"{path}: not readable as {fmt}: {e}") from None
+
+    # --- normalising -----------------------------------------------------------------------------
+
+    def _input_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in (self.config.url_col, self.config.caption_col) if k)
+
+    @staticmethod
+    def _carried_name(name: str) -> str:
+        """Input columns keep their names unless curate declares one like it: then ``input_<name>``."""
+        return f"input_{name}" if name in COLUMNS else name
+
+    def _normalise(self, raw: pa.Table, first_row: int) -> pa.Table:
+        c = self.config
+        n = raw.num_rows
+        where = f"{c.path}"
+        if c.url_col not in raw.column_names:
+            raise InputError(
+                f"{where}: no column {c.url_col!r} (input.url_col); columns: {', '.join(raw.column_names)}"
+            )
+        urls = _as_strings(raw[c.url_col])
+        if c.caption_col is None:
+            captions = [None] * n
+        elif c.caption_col in raw.column_names:
+            captions = _as_strings(raw[c.caption_col])
+        else:
+            raise InputError(
+                f"{where}: no column {c.caption_col!r} (input.caption_col; null for inputs without captions); "
+                f"columns: {', '.join(raw.column_names)}"
+            )
+
+        uids, statuses, errors = [], [], []
+        first_seen: dict[str, int] = {}
+        for i, (url, caption) in enumerate(zip(urls, captions, strict=True)):
+            uid = uid_for(url, caption)
+            status, error = _check_url(url)
+            if status == "ok":
+                if uid in first_seen:
+                    status = "duplicate_row"
+                    error = f"same url and caption as input row {first_row + first_seen[uid]}"
+                else:
+                    first_seen[uid] = i
+            uids.append(uid)
+            statuses.append(status)
+            errors.append(error)
+
+        columns: dict[str, pa.Array | pa.ChunkedArray] = {
+            "uid": pa.array(uids, pa.string()),
+            "input_index": pa.array(range(first_row, first_row + n), pa.int64()),
+            "url": pa.array(urls, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "status": pa.array(statuses, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "drop_reason": pa.nulls(n, pa.string()),
+        }
+        for name in raw.column_names:
+            if name not in self._input_keys():
+                columns[self._carried_name(name)] = raw[name]
+        return pa.table(columns)
+
+
+def _as_strings(col: pa.ChunkedArray) -> list[str | None]:
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = col.cast(pa.string())
+    return col.to_pylist()
+
+
+def _check_url(url: str | None) -> tuple[str, str | None]:
+    if url is None:
+        return "invalid_url", "url is null"
+    if not url.strip():
+        return "invalid_url", "url is empty"
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        return "invalid_url", f"cannot parse url: {e}"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "invalid_url", f"unsupported scheme {parts.scheme!r}: only http and https"
+    if not host:
+        return "invalid_url", "url has no host"
+    return "ok", None
+
+
+def total_rows(specs: Iterable[ShardSpec]) -> int:
+    return sum(s.rows for s in specs)

@@ -1,0 +1,26 @@
+"""The explicit map from stage names in YAML to stage classes. No import-path strings."""
+
+from __future__ import annotations
+
+from curate.stage import Stage
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Add a stage class under its ``name``. Registering another class under a taken name is an error."""
+    existing = STAGES.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"stage name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+    STAGES[cls.name] = cls
+    return cls
+
+
+def _register_builtin() -> None:
+    from curate.stages.basic_filter import BasicFilter
+
+    for cls in (BasicFilter,):
+        register(cls)
+
+
+_register_builtin()

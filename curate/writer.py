@@ -1,0 +1,131 @@
+"""The end of every pipeline: one WebDataset tar, one parquet sidecar and one stats file per shard.
+
+shards/<id>.tar          <uid>.jpg|.png|.webp (if the row has an image), <uid>.json, <uid>.txt
+                         for every kept row, in uid order, with fixed mtime and owner: byte-identical
+                         on every rerun and executor.
+shards/<id>.parquet      every row of the shard, kept or dropped, every column but the image bytes.
+shards/<id>_stats.json   counts per status and drop reason, per-stage seconds; written last, so its
+                         presence means the shard is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.schema import canonical_order, is_kept, reason_bucket
+from curate.storage import filesystem, write_atomic, write_json_atomic
+
+__all__ = ["ShardWriter", "image_extension", "shard_counts"]
+
+MTIME = 0  # fixed member mtime: a rerun writes the same bytes
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension for encoded image bytes, from their magic number."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return "bin"
+
+
+def shard_counts(table: pa.Table) -> dict[str, Any]:
+    """How many rows, ok, kept, and how many per status and per drop reason."""
+    status = Counter(table["status"].to_pylist())
+    reasons = Counter(reason_bucket(r) for r in table["drop_reason"].to_pylist() if r is not None)
+    return {
+        "rows": table.num_rows,
+        "ok": status.get("ok", 0),
+        "kept": pc.sum(is_kept(table).cast(pa.int64())).as_py() or 0,
+        "status": dict(sorted(status.items(), key=lambda kv: str(kv[0]))),
+        "drop_reason": dict(sorted(reasons.items())),
+    }
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return None
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return v
+
+
+class ShardWriter:
+    def __init__(self, output_path: str, text_column: str = "caption"):
+        self.output_path = output_path
+        self.text_column = text_column
+
+    def paths(self, shard_id: str) -> dict[str, str]:
+        _, root = filesystem(self.output_path)
+        base = f"{root}/shards/{shard_id}"
+        return {"tar": f"{base}.tar", "parquet": f"{base}.parquet", "stats": f"{base}_stats.json"}
+
+    def write(self, shard_id: str, table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write the shard's three files (stats last) and return the stats as written."""
+        fs, _ = filesystem(self.output_path)
+        paths = self.paths(shard_id)
+        fs.makedirs(paths["tar"].rsplit("/", 1)[0], exist_ok=True)
+        table = table.select(canonical_order(table.column_names))
+
+        tar_bytes, samples = self._tar(table)
+        sidecar = table.drop_columns([c for c in ("image",) if c in table.column_names])
+        buf = io.BytesIO()
+        pq.write_table(sidecar, buf, compression="zstd")
+        write_atomic(fs, paths["tar"], tar_bytes)
+        write_atomic(fs, paths["parquet"], buf.getvalue())
+
+        final = {"shard": shard_id, **shard_counts(table), **stats}
+        final["written"] = {"samples": samples, "tar_bytes": len(tar_bytes), "parquet_bytes": buf.tell()}
+        write_json_atomic(fs, paths["stats"], final)
+        return final
+
+    def _tar(self, table: pa.Table) -> tuple[bytes, int]:
+        kept = table.filter(is_kept(table))
+        kept = kept.take(pc.sort_indices(kept, [("uid", "ascending")]))
+        meta_cols = [c for c in kept.column_names if c != "image"]
+        images = kept["image"].to_pylist() if "image" in kept.column_names else [None] * kept.num_rows
+        texts = kept[self.text_column].to_pylist()
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for i, row in enumerate(kept.select(meta_cols).to_pylist()):
+                uid = row["uid"]
+                members = {
+                    f"{uid}.json": json.dumps(
+                        {k: _json_value(v) for k, v in row.items()}, sort_keys=True, ensure_ascii=False
+                    ).encode(),
+                    f"{uid}.txt": (texts[i] or "").encode("utf-8", "replace"),
+                }
+                if images[i] is not None:
+                    members[f"{uid}.{image_extension(images[i])}"] = images[i]
+                for name in sorted(members):
+                    _add(tar, name, members[name])
+        return out.getvalue(), kept.num_rows
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
