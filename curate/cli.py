@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from curate.config import ConfigError, PipelineConfig, load_config
 from curate.reader import InputError
@@ -20,8 +19,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # long paths and messages stay on one line, whole
+out = Console(soft_wrap=True)
 
 SetOpt = Annotated[
     list[str] | None,
@@ -103,28 +102,21 @@ def describe(
     if as_json:
         out.print_json(json.dumps({"name": config.name, "stages": stages, "columns": columns}))
         return
-    table = Table(title=f"{config.name}: {config.executor.kind} executor, {config.shard_size:,} rows a shard")
-    for col in ("#", "name", "stage", "kind", "reads", "writes", "resources", "runs as"):
-        table.add_column(col)
-    for i, s in enumerate(stages):
-        res = f"cpus={s['cpus']:g} gpus={s['gpus']:g}" + (
-            f" concurrency={s['concurrency']}" if s["concurrency"] else ""
-        )
-        table.add_row(
-            str(i),
-            s["name"],
-            s["stage"],
-            s["kind"],
-            ", ".join(s["reads"]),
-            ", ".join(s["writes"]),
-            res,
-            s["runs_as"],
-        )
-    out.print(table)
-    out.print(f"input columns: {', '.join(p.reader.column_names())}")
     out.print(
-        f"phases: {len(p.phases())}; output: {config.output.path} (text from {config.output.text_column!r})"
+        f"[bold]{config.name}[/bold]: {config.executor.kind} executor, {config.shard_size:,} rows a shard, "
+        f"{len(p.phases())} phase(s)"
     )
+    out.print(f"input: {config.input.path}")
+    out.print(f"input columns: {', '.join(p.reader.column_names())}")
+    for i, s in enumerate(stages):
+        res = f"cpus={s['cpus']:g} gpus={s['gpus']:g}"
+        res += f" concurrency={s['concurrency']}" if s["concurrency"] else ""
+        out.print(
+            f"{i:>3} [bold]{s['name']}[/bold] ({s['stage']}, {s['kind']}): runs as {s['runs_as']}, {res}"
+        )
+        out.print(f"      reads:  {', '.join(s['reads']) or '-'}")
+        out.print(f"      writes: {', '.join(s['writes']) or '-'}")
+    out.print(f"output: {config.output.path} (training text from {config.output.text_column!r})")
 
 
 @app.command()
@@ -178,13 +170,10 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.ClickException):
+    except typer.TyperException as e:  # click's usage errors, as typer vendors them
+        if hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
-        raise
+        sys.exit(getattr(e, "exit_code", 2))
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

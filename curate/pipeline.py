@@ -188,7 +188,7 @@ class PhaseJob:
             reader = pa.ipc.open_file(f)
             table = reader.read_all()
             timings = json.loads(reader.schema.metadata[b"curate.timings"])
-        return table, timings
+        return table.replace_schema_metadata(None), timings
 
     def apply(self, stages: Sequence[BoundStage], table: pa.Table, timings: dict[str, Any]) -> pa.Table:
         for bound in stages:

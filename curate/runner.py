@@ -169,7 +169,8 @@ def run_pipeline(
 
     def on_result(result: ShardResult) -> None:
         if result.ok:
-            ran.append(result.shard)
+            if job.final:
+                ran.append(result.shard)
             if out.fs.exists(out.failed_path(result.shard)):
                 out.fs.rm_file(out.failed_path(result.shard))
         else:

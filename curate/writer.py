@@ -84,7 +84,8 @@ class ShardWriter:
         fs, _ = filesystem(self.output_path)
         paths = self.paths(shard_id)
         fs.makedirs(paths["tar"].rsplit("/", 1)[0], exist_ok=True)
-        table = table.select(canonical_order(table.column_names))
+        # Schema metadata (pandas', an earlier phase's) would make the bytes depend on where a shard came from.
+        table = table.select(canonical_order(table.column_names)).replace_schema_metadata(None)
 
         tar_bytes, samples = self._tar(table)
         sidecar = table.drop_columns([c for c in ("image",) if c in table.column_names])

@@ -1,0 +1,87 @@
+"""Shared fixtures: generated inputs, a pipeline-YAML writer, a CLI caller, and one local Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import curate.testing  # noqa: F401 - registers the test-only stages
+from curate.cli import main
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (2 CPUs, a small object store)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=256 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def write_pipeline(path: Path, input_path, output_path, stages, **top) -> Path:
+    doc = {
+        "name": top.pop("name", "test"),
+        "input": {"path": str(input_path), "url_col": "URL", "caption_col": "TEXT", **top.pop("input", {})},
+        "output": {"path": str(output_path), **top.pop("output", {})},
+        "shard_size": top.pop("shard_size", 100),
+        "stages": stages,
+        **top,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-2000:]!r})"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Call ``curate ARGS`` in this process; returns the exit code and what it printed."""
+
+    def call(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main()
+        captured = capsys.readouterr()
+        return CliResult(exc.value.code, captured.out, captured.err)
+
+    return call
+
+
+def sidecars(output: Path):
+    """All sidecar parquets of an output, concatenated in shard order."""
+    import pyarrow as pa
+
+    files = sorted((output / "shards").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+
+
+def shard_files(output: Path) -> dict[str, bytes]:
+    """Every tar and parquet of an output, by name: what must be byte-identical between runs."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted((output / "shards").iterdir())
+        if p.suffix in (".tar", ".parquet")
+    }

@@ -1,0 +1,110 @@
+"""The ``curate`` command as a user runs it, including a run killed with SIGKILL and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import shard_files, sidecars, write_pipeline
+
+from curate.testing import make_input
+
+# `curate` with the test-only stages registered, in its own process.
+CURATE = [sys.executable, "-c", "import curate.testing; from curate.cli import main; main()"]
+
+
+def curate(*args, **kw):
+    return subprocess.run([*CURATE, *map(str, args)], capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, executor):
+    make_input(tmp_path / "in.parquet", 1200, bad_every=17)
+    stages = [
+        {"stage": "synthetic_image"},
+        {"stage": "sleep", "seconds": 0.25},
+        {"stage": "basic_filter", "min_caption_length": 3},
+    ]
+    p = write_pipeline(
+        tmp_path / "p.yaml",
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        stages,
+        shard_size=100,
+        executor={"kind": executor, "num_cpus": 2},
+    )
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([*CURATE, "run", str(p), "-q"], env=env, start_new_session=True)
+    shards = tmp_path / "out/shards"
+    deadline = time.time() + 90
+    while time.time() < deadline and len(list(shards.glob("*_stats.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and, under Ray, every worker it started
+    proc.wait()
+    done_before = len(list(shards.glob("*_stats.json")))
+    assert 3 <= done_before < 12, "the kill should land midway"
+
+    r = curate("run", p, "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    clean = curate(
+        "run", p, "-q", "--set", f"output.path={tmp_path / 'clean'}", "--executor", "local", env=env
+    )
+    assert clean.returncode == 0, clean.stderr
+    assert shard_files(tmp_path / "out") == shard_files(tmp_path / "clean")
+    assert len(shard_files(tmp_path / "out")) == 24
+    assert not list((tmp_path / "out").rglob("*.tmp-*"))
+    side = sidecars(tmp_path / "out")
+    assert sorted(side["input_index"].to_pylist()) == list(range(1200))
+    info = json.loads((tmp_path / "out/run.json").read_text())
+    assert info["status"] == "finished" and info["counts"]["rows"] == 1200
+
+
+def test_validate_describe_status(tmp_path, cli):
+    make_input(tmp_path / "in.parquet", 250)
+    stages = [{"stage": "basic_filter", "name": "filter", "min_words": 2}, {"stage": "caption_chars"}]
+    p = write_pipeline(tmp_path / "p.yaml", tmp_path / "in.parquet", tmp_path / "out", stages)
+    r = cli("validate", p)
+    assert r.code == 0 and "ok: test: 2 stage(s), 1 input file(s), 250 rows in 3 shard(s)" in r.out
+
+    r = cli("describe", p, "--json")
+    plan = json.loads(r.out)
+    assert [s["name"] for s in plan["stages"]] == ["filter", "caption_chars"]
+    assert plan["stages"][0]["runs_as"] == "tasks" and plan["stages"][1]["runs_as"] == "actor pool"
+    assert plan["stages"][1]["writes"] == ["caption_chars"] and "caption_chars" in plan["columns"]
+    r = cli("describe", p)
+    assert r.code == 0 and "1 caption_chars (caption_chars, per-shard): runs as actor pool" in r.out
+    assert "writes: caption_chars" in r.out and "input columns: uid, input_index" in r.out
+
+    r = cli("status", tmp_path / "out")
+    assert r.code == 2 and "holds no run.json" in r.err
+    assert cli("run", p, "-q").code == 0
+    report = json.loads(cli("status", tmp_path / "out", "--json").out)
+    assert report["shards"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+    assert report["counts"]["rows"] == 250 and report["status"] == "finished"
+    r = cli("status", tmp_path / "out")
+    assert "3/3 shards done, 0 failed, 0 pending" in r.out
+
+
+def test_run_shows_progress_and_the_funnel(tmp_path, cli):
+    make_input(tmp_path / "in.parquet", 120, bad_every=10)
+    p = write_pipeline(
+        tmp_path / "p.yaml",
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        [{"stage": "basic_filter", "min_caption_length": 3}],
+    )
+    r = cli("run", p)
+    assert r.code == 0
+    assert "input rows" in r.err and "120" in r.err and "kept" in r.err
+    assert "status invalid_url" in r.err and "dropped caption_length<3" in r.err
+    assert "basic_filter" in r.err and "rows/s" in r.err
+
+
+def test_help_lists_every_command():
+    r = subprocess.run([sys.executable, "-m", "curate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for command in ("run", "validate", "describe", "status"):
+        assert command in r.stdout

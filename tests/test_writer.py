@@ -1,0 +1,105 @@
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+from curate.writer import ShardWriter, image_extension
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def table():
+    return pa.table(
+        {
+            "uid": ["c" * 32, "a" * 32, "b" * 32, "d" * 32],
+            "input_index": pa.array([0, 1, 2, 3], pa.int64()),
+            "url": ["http://x/0", "http://x/1", "http://x/2", "http://x/3"],
+            "caption": ["zero", "one", "two", "three"],
+            "status": ["ok", "ok", "http_404", "ok"],
+            "error": [None, None, "404 Not Found", None],
+            "drop_reason": [None, None, None, "caption_length<9"],
+            "image": pa.array([png("red"), None, None, png("blue")], pa.binary()),
+            "score": [0.5, float("nan"), None, 0.1],
+        }
+    )
+
+
+def test_tar_holds_kept_rows_in_uid_order_with_their_metadata(tmp_path):
+    stats = ShardWriter(str(tmp_path)).write("00003", table(), {"stages": {}})
+    assert stats["rows"] == 4 and stats["ok"] == 3 and stats["kept"] == 2 and stats["written"]["samples"] == 2
+    assert stats["status"] == {"http_404": 1, "ok": 3} and stats["drop_reason"] == {"caption_length<9": 1}
+
+    with tarfile.open(tmp_path / "shards/00003.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [
+        "a" * 32 + ".json",
+        "a" * 32 + ".txt",
+        "c" * 32 + ".json",
+        "c" * 32 + ".png",
+        "c" * 32 + ".txt",
+    ]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
+
+    samples = list(wds.WebDataset(str(tmp_path / "shards/00003.tar"), shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == ["a" * 32, "c" * 32]
+    meta = json.loads(samples[1]["json"])
+    assert meta["caption"] == "zero" and meta["score"] == 0.5 and "image" not in meta
+    assert json.loads(samples[0]["json"])["score"] is None  # NaN is written as null
+    assert samples[1]["txt"] == b"zero"
+    assert Image.open(io.BytesIO(samples[1]["png"])).size == (4, 3)
+
+
+def test_sidecar_has_every_row_and_no_image_bytes(tmp_path):
+    ShardWriter(str(tmp_path)).write("00000", table(), {})
+    side = pq.read_table(tmp_path / "shards/00000.parquet")
+    assert side.num_rows == 4 and "image" not in side.column_names
+    assert side["input_index"].to_pylist() == [0, 1, 2, 3]
+    assert side["status"].to_pylist() == ["ok", "ok", "http_404", "ok"]
+
+
+def test_writes_are_byte_identical_and_leave_no_temp_files(tmp_path):
+    w = ShardWriter(str(tmp_path))
+    w.write("00000", table(), {})
+    first = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir() if p.suffix != ".json"}
+    w.write("00000", table(), {})  # written twice, as a retried task would
+    second = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir() if p.suffix != ".json"}
+    assert first == second
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+    ]
+
+
+def test_text_column_chooses_the_training_caption(tmp_path):
+    t = table().append_column("caption_fused", pa.array(["f0", "f1", "f2", "f3"]))
+    ShardWriter(str(tmp_path), text_column="caption_fused").write("00000", t, {})
+    samples = list(wds.WebDataset(str(tmp_path / "shards/00000.tar"), shardshuffle=False, empty_check=False))
+    assert [s["txt"] for s in samples] == [b"f1", b"f0"]
+
+
+def test_a_shard_with_nothing_kept_is_an_empty_valid_tar(tmp_path):
+    t = table().filter(pa.array([False, False, True, False]))
+    stats = ShardWriter(str(tmp_path)).write("00000", t, {})
+    assert stats["kept"] == 0
+    with tarfile.open(tmp_path / "shards/00000.tar") as tar:
+        assert tar.getmembers() == []
+
+
+def test_image_extension_from_magic_bytes():
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="JPEG")
+    assert image_extension(buf.getvalue()) == "jpg"
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="WEBP")
+    assert image_extension(buf.getvalue()) == "webp"
+    assert image_extension(png("red")) == "png"
+    assert image_extension(b"nonsense") == "bin"
