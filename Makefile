@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint format bench clean
+.PHONY: test demo lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The demo runs offline: a generated LAION-style input of 10,000 rows through pipelines/demo.yaml.
+demo: $(STAMP)
+	$(BIN)/python -c "from curate.testing import make_input; make_input('demo-output/input/urls.parquet', 10000, bad_every=23)"
+	$(BIN)/curate validate pipelines/demo.yaml
+	$(BIN)/curate run pipelines/demo.yaml --overwrite
+	$(BIN)/curate status demo-output/run
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

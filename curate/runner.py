@@ -86,8 +86,8 @@ class OutputDir:
         previous = self.run_json()
         if overwrite:
             self.wipe()
-            return None
-        if previous is None:
+            previous = None
+        elif previous is None:
             if self.fs.exists(self.root) and self.fs.ls(self.root):
                 raise ConfigError(
                     [

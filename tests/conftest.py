@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
 import pyarrow.parquet as pq
 import pytest

@@ -103,6 +103,12 @@ def test_a_changed_input_refuses_to_resume(tmp_path, pipeline, cli):
     assert info["resumed_from_fingerprint"] and info["shards_total"] == 6
 
 
+def test_overwrite_on_a_new_output_folder(tmp_path, pipeline, cli):
+    r = cli("run", pipeline, "-q", "--overwrite", "--set", f"output.path={tmp_path / 'new/deeper'}")
+    assert r.code == 0, r
+    assert json.loads((tmp_path / "new/deeper/run.json").read_text())["status"] == "finished"
+
+
 def test_refuses_a_foreign_non_empty_output(tmp_path, pipeline, cli):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/precious.txt").write_text("mine")

@@ -144,7 +144,6 @@ class RayExecutor:
         self._started = False
 
     def __enter__(self) -> RayExecutor:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
