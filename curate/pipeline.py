@@ -190,11 +190,16 @@ class PhaseJob:
             timings = json.loads(reader.schema.metadata[b"curate.timings"])
         return table.replace_schema_metadata(None), timings
 
-    def apply(self, stages: Sequence[BoundStage], table: pa.Table, timings: dict[str, Any]) -> pa.Table:
+    def setup(self, stages: Sequence[BoundStage]) -> None:
+        """Call ``setup()`` of each stage once in this process."""
         for bound in stages:
             if id(bound) not in self._ready:
                 bound.stage.setup()
                 self._ready.add(id(bound))
+
+    def apply(self, stages: Sequence[BoundStage], table: pa.Table, timings: dict[str, Any]) -> pa.Table:
+        self.setup(stages)
+        for bound in stages:
             start = time.perf_counter()
             table = bound.stage(table)
             timings[bound.name] = {"seconds": time.perf_counter() - start, "kept": _kept(table)}

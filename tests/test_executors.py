@@ -108,9 +108,13 @@ def test_ray_reports_a_shard_that_keeps_failing(tmp_path, ray_cluster):
         tmp_path / "in.parquet",
         tmp_path / "out",
         stages,
-        executor={"kind": "ray", "max_shard_retries": 1},
+        executor={"kind": "ray", "max_shard_retries": 1, "object_store_memory": 64 << 20},
     )
     summary = run(p)
     assert summary.exit_code == 1 and list(summary.shards_failed) == ["00000"]
     assert summary.shards_done == ["00001", "00002"]
     assert "planned failure 2/5" in summary.shards_failed["00000"]
+    from ray.data import DataContext
+
+    limits = DataContext.get_current().execution_options.resource_limits
+    assert limits.object_store_memory != 64 << 20  # the caller's settings are restored

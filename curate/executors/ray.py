@@ -48,83 +48,67 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
-def _rows(batch: pa.Table) -> Iterator[dict[str, Any]]:
-    yield from batch.to_pylist()
-
-
-def _out(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
-
-
-class _Load:
-    """Task: read the shard (from the input or the previous phase) into the row."""
+class _ShardStep:
+    """One step over the shards of a batch (a batch is normally one shard). A step's exception becomes the
+    shard's error, and a shard that already has an error passes through untouched."""
 
     def __init__(self, job: PhaseJob):
         self.job = job
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in _rows(batch):
-            spec = ShardSpec.from_dict(json.loads(row["shard"]))
-            try:
-                table, timings = self.job.load(spec)
-                out.append({**row, "data": _to_ipc(table), "timings": json.dumps(timings), "error": None})
-            except Exception:
-                out.append({**row, "data": b"", "timings": "{}", "error": traceback.format_exc()})
-        return _out(out)
-
-
-class _Apply:
-    """Task or actor: run a group of stages on each shard of the batch. As an actor, ``setup()`` of each
-    stage runs once, when the actor starts."""
-
-    def __init__(self, job: PhaseJob, stages: list[BoundStage], eager_setup: bool = False):
-        self.job = job
-        self.stages = stages
-        if eager_setup:
-            for bound in stages:
-                bound.stage.setup()
-                job._ready.add(id(bound))
+    def step(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for row in _rows(batch):
-            if row["error"] is not None:
-                out.append(row)
-                continue
-            try:
-                timings = json.loads(row["timings"])
-                table = self.job.apply(self.stages, _from_ipc(row["data"]), timings)
-                out.append({**row, "data": _to_ipc(table), "timings": json.dumps(timings)})
-            except Exception:
-                out.append({**row, "data": b"", "error": traceback.format_exc()})
-        return _out(out)
-
-
-class _Sink:
-    """Task: write the shard; the row that comes back is small (stats, no data)."""
-
-    def __init__(self, job: PhaseJob):
-        self.job = job
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in _rows(batch):
-            result = {"shard": row["shard"], "data": b"", "timings": "{}", "error": row["error"]}
+        for row in batch.to_pylist():
             if row["error"] is None:
                 try:
-                    spec = ShardSpec.from_dict(json.loads(row["shard"]))
-                    stats = self.job.sink(spec, _from_ipc(row["data"]), json.loads(row["timings"]))
-                    result["timings"] = json.dumps(stats)
+                    row = {**row, **self.step(row)}
                 except Exception:
-                    result["error"] = traceback.format_exc()
-            out.append(result)
-        return _out(out)
+                    row = {**row, "data": b"", "error": traceback.format_exc()}
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=_ROW_SCHEMA)
+
+
+def _spec(row: dict[str, Any]) -> ShardSpec:
+    return ShardSpec.from_dict(json.loads(row["shard"]))
+
+
+class _Load(_ShardStep):
+    """Task: read the shard (from the input or the previous phase) into the row."""
+
+    def step(self, row: dict[str, Any]) -> dict[str, Any]:
+        table, timings = self.job.load(_spec(row))
+        return {"data": _to_ipc(table), "timings": json.dumps(timings)}
+
+
+class _Apply(_ShardStep):
+    """Task: run a group of stages without models on the shard."""
+
+    def __init__(self, job: PhaseJob, stages: list[BoundStage]):
+        super().__init__(job)
+        self.stages = stages
+
+    def step(self, row: dict[str, Any]) -> dict[str, Any]:
+        timings = json.loads(row["timings"])
+        table = self.job.apply(self.stages, _from_ipc(row["data"]), timings)
+        return {"data": _to_ipc(table), "timings": json.dumps(timings)}
 
 
 class _ApplyActor(_Apply):
+    """Actor: like ``_Apply``, but each stage's ``setup()`` (loading a model) runs once, when the actor starts."""
+
     def __init__(self, job: PhaseJob, stages: list[BoundStage]):
-        super().__init__(job, stages, eager_setup=True)
+        super().__init__(job, stages)
+        job.setup(stages)
+
+
+class _Sink(_ShardStep):
+    """Task: write the shard; the row that comes back is small (its stats, no data)."""
+
+    def step(self, row: dict[str, Any]) -> dict[str, Any]:
+        stats = self.job.sink(_spec(row), _from_ipc(row["data"]), json.loads(row["timings"]))
+        return {"data": b"", "timings": json.dumps(stats)}
 
 
 def _groups(stages: list[BoundStage]) -> list[list[BoundStage]]:
@@ -161,6 +145,12 @@ class RayExecutor:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
+        # Restored on exit: a notebook or library caller keeps its own settings.
+        self._saved = (
+            ctx.enable_progress_bars,
+            ctx.print_on_execution_start,
+            ctx.execution_options.resource_limits,
+        )
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         if self.config.object_store_memory:
@@ -171,9 +161,14 @@ class RayExecutor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._started:
-            import ray
+        import ray
+        from ray.data import DataContext
 
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits = (
+            self._saved
+        )
+        if self._started:
             ray.shutdown()
 
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
