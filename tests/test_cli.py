@@ -108,3 +108,17 @@ def test_help_lists_every_command():
     assert r.returncode == 0
     for command in ("run", "validate", "describe", "status"):
         assert command in r.stdout
+
+
+def test_run_joins_an_existing_cluster_by_address(tmp_path, ray_cluster):
+    make_input(tmp_path / "in.parquet", 300)
+    p = write_pipeline(
+        tmp_path / "p.yaml", tmp_path / "in.parquet", tmp_path / "out", [{"stage": "caption_chars"}]
+    )
+    address = ray_cluster.get_runtime_context().gcs_address
+    r = curate("run", p, "-q", "--address", address)
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "out/run.json").read_text())
+    assert info["executor"] == "ray" and info["counts"]["rows"] == 300
+    # the cluster it joined is still up: curate stops only a cluster it started
+    assert ray_cluster.is_initialized() and ray_cluster.cluster_resources()["CPU"] == 2
