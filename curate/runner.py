@@ -140,6 +140,9 @@ def run_pipeline(
     specs = pipeline.reader.plan(config.shard_size)
     fingerprint = run_fingerprint(config, pipeline.reader, specs)
 
+    executor = make_executor(config.executor)
+    executor.check()
+
     out = OutputDir(config.output.path)
     previous = out.prepare(fingerprint, overwrite, resume_anyway)
     out.clean_temp()
@@ -188,7 +191,7 @@ def run_pipeline(
             )
         progress.update(result)
 
-    with make_executor(config.executor) as executor, RunProgress(console, show_progress) as progress:
+    with executor, RunProgress(console, show_progress) as progress:
         for job in jobs:
             if job.index > 0 and not _fit(pipeline, job.index, specs, out, console):
                 break

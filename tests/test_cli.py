@@ -122,3 +122,18 @@ def test_run_joins_an_existing_cluster_by_address(tmp_path, ray_cluster):
     assert info["executor"] == "ray" and info["counts"]["rows"] == 300
     # the cluster it joined is still up: curate stops only a cluster it started
     assert ray_cluster.is_initialized() and ray_cluster.cluster_resources()["CPU"] == 2
+
+
+def test_an_address_where_no_cluster_answers_fails_fast(tmp_path, cli):
+    import socket
+
+    make_input(tmp_path / "in.parquet", 10)
+    p = write_pipeline(tmp_path / "p.yaml", tmp_path / "in.parquet", tmp_path / "out", [])
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = cli("run", p, "--address", f"127.0.0.1:{port}")
+    assert r.code == 2 and f"executor.address: no Ray cluster answers at 127.0.0.1:{port}" in r.err, r
+    assert not (tmp_path / "out").exists()
+    r = cli("run", p, "--address", "nonsense")
+    assert r.code == 2 and "is not HOST:PORT" in r.err

@@ -14,6 +14,10 @@ OnResult = Callable[[ShardResult], None]
 
 
 class Executor(Protocol):
+    def check(self) -> None:
+        """Raise ConfigError for an environment the executor cannot run in, before any work starts."""
+        ...
+
     def __enter__(self) -> Executor: ...
     def __exit__(self, *exc: object) -> None: ...
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:

@@ -14,6 +14,9 @@ class LocalExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
 
+    def check(self) -> None:
+        pass
+
     def __enter__(self) -> LocalExecutor:
         return self
 

@@ -13,16 +13,20 @@ this process (a test session's, a notebook's) is used as it is and left running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
+import sys
+import tempfile
 import traceback
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 
-from curate.config import ExecutorConfig
+from curate.config import ConfigError, ExecutorConfig
 from curate.executors import OnResult
 from curate.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.reader import ShardSpec
@@ -111,6 +115,25 @@ class _Sink(_ShardStep):
         return {"data": b"", "timings": json.dumps(stats)}
 
 
+@contextlib.contextmanager
+def _stderr_kept_on_error() -> Iterator[None]:
+    """Capture what is written to file descriptor 2 (C++ code too); replay it if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _groups(stages: list[BoundStage]) -> list[list[BoundStage]]:
     """Consecutive task stages together; each actor stage alone."""
     groups: list[list[BoundStage]] = []
@@ -127,8 +150,34 @@ class RayExecutor:
         self.config = config
         self._started = False
 
+    def check(self) -> None:
+        """Fail fast on a cluster address nothing listens on: ray.init would wait for minutes."""
+        address = self.config.address or os.environ.get("RAY_ADDRESS")
+        if not address or address in ("auto", "local"):
+            return
+        hostport = address.split("://", 1)[-1].rstrip("/")
+        host, _, port = hostport.rpartition(":")
+        where = "executor.address" if self.config.address else "RAY_ADDRESS"
+        if not host or not port.isdigit():
+            raise ConfigError([(where, f"{address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")])
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            raise ConfigError(
+                [
+                    (
+                        where,
+                        f"no Ray cluster answers at {address} ({e.strerror or e}); start one with `ray start "
+                        "--head`, fix the address, or leave it out to start a local cluster",
+                    )
+                ]
+            ) from None
+
     def __enter__(self) -> RayExecutor:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray's C++ side logs warnings that are not the user's business (e.g. ray#53727 for every actor
+        # pool) straight to stderr; a user who sets the level keeps it.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         import ray
 
         if not ray.is_initialized():
@@ -140,7 +189,8 @@ class RayExecutor:
             }
             if address is None:
                 kwargs.update(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus)
-            ray.init(address=address, **kwargs)
+            with _stderr_kept_on_error():  # ray.init announces the log level it read, on fd 2
+                ray.init(address=address, **kwargs)
             self._started = True
         from ray.data import DataContext
 
