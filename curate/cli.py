@@ -120,6 +120,26 @@ def describe(
 
 
 @app.command()
+def retry(
+    output: Annotated[str, typer.Argument(help="The output folder of a run.")],
+    statuses: Annotated[
+        str,
+        typer.Option("--status", help="Comma-separated statuses to retry; http_5xx matches every 5xx."),
+    ] = "timeout,connection_error,http_429,http_5xx",
+) -> None:
+    """Fetch again only the rows that failed for a transient reason; rewrite only their shards."""
+    from curate.retry import retry_output
+
+    wanted = [s.strip() for s in statuses.split(",") if s.strip()]
+    summary = retry_output(output, wanted, console=err)
+    still = ", ".join(f"{k}: {v}" for k, v in sorted(summary.still.items())) or "none"
+    out.print(
+        f"retried {summary.rows:,} row(s) in {len(summary.shards)} shard(s): {summary.recovered:,} recovered; "
+        f"still failing: {still}"
+    )
+
+
+@app.command()
 def status(
     output: Annotated[str, typer.Argument(help="The output folder of a run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,

@@ -18,8 +18,9 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 def _register_builtin() -> None:
     from curate.stages.basic_filter import BasicFilter
+    from curate.stages.download import Download
 
-    for cls in (BasicFilter,):
+    for cls in (BasicFilter, Download):
         register(cls)
 
 

@@ -1,0 +1,186 @@
+"""Decode, check, normalise, resize and re-encode downloaded images.
+
+The order matters for safety and speed: the format is checked from the magic bytes, the dimensions are read
+from the header and a decompression bomb is refused before any pixel is decoded; JPEGs are decoded at a
+reduced scale when the target is smaller (libjpeg's DCT scaling), which is most of the work saved.
+
+Resize modes follow img2dataset: ``no``; ``keep_ratio`` (the smaller side becomes ``image_size``);
+``keep_ratio_largest`` (the larger side does); ``center_crop`` (smaller side, then a centred square);
+``border`` (larger side, then black borders to a square).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+EncodeFormat = Literal["jpg", "webp", "png", "original"]
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+    (b"GIF87a", "gif", "image/gif"),
+    (b"GIF89a", "gif", "image/gif"),
+    (b"BM", "bmp", "image/bmp"),
+    (b"II*\x00", "tiff", "image/tiff"),
+    (b"MM\x00*", "tiff", "image/tiff"),
+)
+
+
+def sniff(data: bytes) -> tuple[str, str] | None:
+    """(format, mime) from the magic bytes, or None when the bytes are no image format we know."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", "image/webp"
+    for magic, fmt, mime in _MAGIC:
+        if data.startswith(magic):
+            return fmt, mime
+    return None
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    image_size: int = 256
+    resize_mode: ResizeMode = "border"
+    resize_only_if_bigger: bool = False
+    min_image_size: int = 0
+    max_aspect_ratio: float | None = None
+    max_pixels: int = 50_000_000
+    formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
+    encode_format: EncodeFormat = "jpg"
+    encode_quality: int = 95
+
+
+@dataclass
+class Processed:
+    status: str
+    error: str | None = None
+    image: bytes | None = None
+    width: int | None = None
+    height: int | None = None
+    orig_width: int | None = None
+    orig_height: int | None = None
+    sha256: str | None = None
+    mime: str | None = None
+
+
+def process(data: bytes, opt: ImageOptions) -> Processed:
+    """Everything from downloaded bytes to the stored image, with the status of the taxonomy."""
+    digest = hashlib.sha256(data).hexdigest()
+    kind = sniff(data)
+    if kind is None:
+        head = data[:32].decode("latin-1").strip().lower()
+        what = (
+            "HTML" if head.startswith(("<!doctype", "<html")) else f"{len(data):,} bytes of no image format"
+        )
+        return Processed("not_an_image", what, sha256=digest)
+    fmt, mime = kind
+    if fmt not in opt.formats:
+        return Processed(
+            "unsupported_format", f"{fmt} is not one of {', '.join(opt.formats)}", sha256=digest, mime=mime
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size  # from the header; nothing decoded yet
+            if w * h > opt.max_pixels:
+                return Processed(
+                    "too_many_pixels", f"{w}x{h} > {opt.max_pixels:,} pixels", sha256=digest, mime=mime
+                )
+            orientation = img.getexif().get(0x0112, 1)
+            ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # as displayed
+            base = Processed("ok", sha256=digest, mime=mime, orig_width=ow, orig_height=oh)
+            if min(ow, oh) < opt.min_image_size:
+                base.status, base.error = "too_small", f"{ow}x{oh}: smaller side < {opt.min_image_size}"
+                return base
+            ratio = max(ow, oh) / max(min(ow, oh), 1)
+            if opt.max_aspect_ratio is not None and ratio > opt.max_aspect_ratio:
+                base.status, base.error = (
+                    "bad_aspect_ratio",
+                    f"{ow}x{oh}: aspect ratio {ratio:.2f} > {opt.max_aspect_ratio:g}",
+                )
+                return base
+            if opt.encode_format == "original":
+                img.load()  # decodes: proves the bytes are a whole, valid image
+                base.image, base.width, base.height = data, ow, oh
+                return base
+            scale = _scale(ow, oh, opt)
+            if fmt == "jpeg" and scale < 1:
+                img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+            img.seek(0)  # first frame of an animation
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+            img = resize(img, opt)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Processed("too_many_pixels", str(e), sha256=digest, mime=mime)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as e:
+        return Processed("decode_error", f"{type(e).__name__}: {e}", sha256=digest, mime=mime)
+    base.image = encode(img, opt)
+    base.width, base.height = img.size
+    return base
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: CMYK, 16- and 32-bit, palette (with transparency), LA/RGBA over white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "RGBA", "La", "RGBa", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale(w: int, h: int, opt: ImageOptions) -> float:
+    if opt.resize_mode == "no":
+        return 1.0
+    side = min(w, h) if opt.resize_mode in ("keep_ratio", "center_crop") else max(w, h)
+    scale = opt.image_size / side
+    return min(scale, 1.0) if opt.resize_only_if_bigger else scale
+
+
+def resize(img: Image.Image, opt: ImageOptions) -> Image.Image:
+    w, h = img.size
+    scale = _scale(w, h, opt)
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if opt.resize_mode == "center_crop":
+        s = opt.image_size
+        w, h = img.size
+        if w > s or h > s:
+            left, top = (w - min(w, s)) // 2, (h - min(h, s)) // 2
+            img = img.crop((left, top, left + min(w, s), top + min(h, s)))
+    elif opt.resize_mode == "border":
+        s = opt.image_size
+        w, h = img.size
+        if w < s or h < s:
+            canvas = Image.new("RGB", (max(w, s), max(h, s)), (0, 0, 0))
+            canvas.paste(img, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+            img = canvas
+    return img
+
+
+def encode(img: Image.Image, opt: ImageOptions) -> bytes:
+    buf = io.BytesIO()
+    if opt.encode_format == "jpg":
+        img.save(buf, format="JPEG", quality=opt.encode_quality)
+    elif opt.encode_format == "webp":
+        img.save(buf, format="WEBP", quality=opt.encode_quality, method=4)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,154 @@
+"""``curate retry OUTPUT``: fetch again only the rows that failed for a transient reason.
+
+For each finished shard with such rows, the rows go through the pipeline's stages again as they came from
+the input; every other row of the shard keeps what it had (its image comes back from the tar). The shard is
+then rewritten with the usual atomic writer. Its completion marker is removed first, so a retry killed
+midway leaves a shard that ``curate run`` redoes from the input; nothing is half-updated.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from curate.config import ConfigError, parse_config
+from curate.pipeline import Pipeline
+from curate.runner import OutputDir, _now, collect_output
+from curate.schema import COLUMNS, CORE_COLUMNS
+from curate.stage import GlobalStage
+from curate.storage import filesystem, read_json, write_json_atomic
+
+DEFAULT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
+_IMAGE_EXTENSIONS = (".jpg", ".png", ".webp", ".gif", ".bin")
+
+
+@dataclass
+class RetrySummary:
+    shards: list[str] = field(default_factory=list)
+    rows: int = 0
+    recovered: int = 0
+    still: dict[str, int] = field(default_factory=dict)
+
+
+def status_matcher(statuses: list[str]) -> re.Pattern:
+    """``http_5xx`` stands for every 5xx status; other names match exactly."""
+    parts = [
+        re.escape(s).replace("xx", r"\d\d") if re.fullmatch(r"http_\dxx", s) else re.escape(s)
+        for s in statuses
+    ]
+    return re.compile("^(?:" + "|".join(parts) + ")$")
+
+
+def retry_output(
+    output: str, statuses: list[str] | None = None, console: Console | None = None
+) -> RetrySummary:
+    console = console or Console(stderr=True)
+    out = OutputDir(output)
+    info = out.run_json()
+    if info is None:
+        raise ConfigError([("OUTPUT", f"{output} holds no run.json: not a curate output folder")])
+    config = parse_config(info["config"], source=f"{output}/run.json")
+    pipeline = Pipeline(config)
+    if any(isinstance(b.stage, GlobalStage) for b in pipeline.stages):
+        raise ConfigError(
+            [
+                (
+                    "OUTPUT",
+                    "this pipeline has a whole-dataset stage; retried rows would miss its decision. "
+                    "Rerun the failed rows with `curate run` into a new output instead",
+                )
+            ]
+        )
+    match = status_matcher(list(statuses or DEFAULT_STATUSES))
+    job = pipeline.job(0)
+    summary = RetrySummary()
+    fs, _ = filesystem(output)
+    for shard in collect_output(output).shards_done:
+        paths = pipeline.writer.paths(shard)
+        sidecar = pq.read_table(fs.open(paths["parquet"], "rb"))
+        picked = [i for i, s in enumerate(sidecar["status"].to_pylist()) if s and match.match(s)]
+        if not picked:
+            continue
+        start = time.perf_counter()
+        has_images = any("image" in b.stage.writes for b in pipeline.stages)
+        table = _with_images(sidecar, fs, paths["tar"]) if has_images else sidecar
+        fresh = _as_input(table.take(picked))
+        timings: dict[str, Any] = {}
+        redone = job.apply(pipeline.stages, fresh, timings)
+        merged = _replace_rows(table, picked, redone)
+        old_stats = read_json(fs, paths["stats"])
+        fs.rm_file(paths["stats"])  # the shard is incomplete until the writer's marker is back
+        recovered = sum(1 for s in redone["status"].to_pylist() if s == "ok")
+        retried = {
+            "rows": len(picked),
+            "recovered": recovered,
+            "at": _now(),
+            "seconds": time.perf_counter() - start,
+        }
+        pipeline.writer.write(
+            shard,
+            merged,
+            {"stages": old_stats.get("stages", {}), "retries": [*old_stats.get("retries", []), retried]},
+        )
+        summary.shards.append(shard)
+        summary.rows += len(picked)
+        summary.recovered += recovered
+        for s in redone["status"].to_pylist():
+            if s != "ok":
+                summary.still[s] = summary.still.get(s, 0) + 1
+        console.print(f"shard {shard}: {recovered}/{len(picked)} rows recovered")
+
+    total = collect_output(output)
+    info.setdefault("retries", []).append(
+        {
+            "at": _now(),
+            "statuses": list(statuses or DEFAULT_STATUSES),
+            "rows": summary.rows,
+            "recovered": summary.recovered,
+            "shards": summary.shards,
+        }
+    )
+    info["counts"] = total.counts
+    write_json_atomic(out.fs, f"{out.root}/run.json", info)
+    return summary
+
+
+def _with_images(sidecar: pa.Table, fs: Any, tar_path: str) -> pa.Table:
+    """The sidecar with its ``image`` column back, from the tar (kept rows only carry one)."""
+    images: dict[str, bytes] = {}
+    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
+        for member in tar:
+            uid, dot, ext = member.name.partition(".")
+            if dot and f".{ext}" in _IMAGE_EXTENSIONS:
+                images[uid] = tar.extractfile(member).read()
+    column = pa.array([images.get(u) for u in sidecar["uid"].to_pylist()], pa.binary())
+    return sidecar.append_column("image", column)
+
+
+def _as_input(rows: pa.Table) -> pa.Table:
+    """The rows as the input reader gave them: core and carried input columns, status reset."""
+    keep = [c for c in rows.column_names if c in CORE_COLUMNS or c not in COLUMNS]
+    rows = rows.select(keep)
+    n = rows.num_rows
+    for name, value in (
+        ("status", pa.array(["ok"] * n, pa.string())),
+        ("error", pa.nulls(n, pa.string())),
+        ("drop_reason", pa.nulls(n, pa.string())),
+    ):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, value)
+    return rows
+
+
+def _replace_rows(table: pa.Table, positions: list[int], new: pa.Table) -> pa.Table:
+    schema = pa.unify_schemas([table.schema, new.schema], promote_options="permissive")
+    rows = table.to_pylist()
+    for pos, row in zip(positions, new.to_pylist(), strict=True):
+        rows[pos] = row
+    return pa.Table.from_pylist(rows, schema=schema)

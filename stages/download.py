@@ -1,0 +1,159 @@
+"""Download, check and resize the image of every kept row, many at a time.
+
+Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
+
+=====================  ==========================================================================
+``ok``                 downloaded, decoded, resized and re-encoded
+``invalid_url``        (input) null, empty or unparseable URL, or a scheme other than http(s)
+``duplicate_row``      (input) the same url and caption as an earlier row of the shard
+``blocked_address``    the host resolves to a non-public address, or a redirect leads to one or to
+                       another scheme; no connection is made
+``opted_out``          robots.txt disallows the path, or ``X-Robots-Tag`` says noai / noimageai /
+                       noindex / noimageindex
+``http_<code>``        the final HTTP status was not 200 (4xx at once; 429 and 5xx after retries)
+``too_many_redirects`` more than ``max_redirects`` hops
+``timeout``            connect or read timeout, or the total deadline per URL passed (after retries)
+``connection_error``   refused, reset, DNS or TLS failure (after retries, except DNS)
+``too_large``          Content-Length or the streamed body exceeded ``max_bytes``
+``not_an_image``       the bytes are no image format (HTML served as image/jpeg, ...)
+``unsupported_format`` an image format not in ``formats``
+``decode_error``       truncated or corrupt image data
+``too_many_pixels``    width x height above ``max_pixels``: a decompression bomb, refused unread
+``too_small``          smaller side below ``min_image_size``
+``bad_aspect_ratio``   aspect ratio above ``max_aspect_ratio``
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+import curate
+from curate.config import StrictModel
+from curate.imaging import ImageOptions, Processed, process
+from curate.net import Fetcher, FetchPolicy
+from curate.schema import COLUMNS, Column, declare, is_kept
+from curate.stage import Stage, StageResources
+
+declare(Column("mime", pa.string(), "download", "MIME type of the downloaded bytes, from their magic number"))
+
+DEFAULT_USER_AGENT = f"curate/{curate.__version__} (+https://github.com/curate-data/curate#readme)"
+TRANSIENT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
+
+
+class DownloadConfig(StrictModel):
+    concurrency: int = Field(32, gt=0, le=1024, description="parallel downloads per worker")
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(10.0, gt=0, description="seconds of silence allowed on a socket read")
+    total_timeout: float = Field(30.0, gt=0, description="deadline per URL, retries and redirects included")
+    max_bytes: int = Field(20 << 20, gt=0)
+    retries: int = Field(2, ge=0, description="for timeouts, connection errors, 429 and 5xx only")
+    backoff: float = Field(0.5, ge=0, description="seconds before the first retry; doubles each time")
+    max_redirects: int = Field(5, ge=0, le=5)
+    user_agent: str = DEFAULT_USER_AGENT
+    robots_txt: bool = Field(True, description="honour robots.txt (fetched once per host)")
+    x_robots_tag: bool = Field(
+        True, description="honour X-Robots-Tag: noai, noimageai, noindex, noimageindex"
+    )
+    allow_private: list[str] = Field(
+        default_factory=list, description="host:port entries exempt from the SSRF guard"
+    )
+    formats: list[Literal["jpeg", "png", "webp", "gif", "bmp", "tiff"]] = ["jpeg", "png", "webp", "gif"]
+    image_size: int = Field(256, gt=0)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
+    resize_only_if_bigger: bool = False
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    max_pixels: int = Field(50_000_000, gt=0, description="decompression bomb limit, checked before decoding")
+    encode_format: Literal["jpg", "webp", "png", "original"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+
+    @field_validator("allow_private")
+    @classmethod
+    def _host_port(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            host, sep, port = entry.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{entry!r} is not host:port, e.g. 127.0.0.1:8080")
+        return entries
+
+    @model_validator(mode="after")
+    def _original_is_not_resized(self) -> DownloadConfig:
+        if self.encode_format == "original" and self.resize_mode != "no":
+            raise ValueError("encode_format: original keeps the downloaded bytes; it needs resize_mode: no")
+        return self
+
+
+class Download(Stage):
+    name = "download"
+    Config = DownloadConfig
+    reads = ("url", "status", "drop_reason")
+    writes = ("status", "error", "image", "width", "height", "orig_width", "orig_height", "sha256", "mime")
+    resources = StageResources(cpus=1)
+
+    config: DownloadConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self._fetcher = Fetcher(
+            FetchPolicy(
+                user_agent=c.user_agent,
+                connect_timeout=c.connect_timeout,
+                read_timeout=c.read_timeout,
+                total_timeout=c.total_timeout,
+                max_bytes=c.max_bytes,
+                retries=c.retries,
+                backoff=c.backoff,
+                max_redirects=c.max_redirects,
+                robots_txt=c.robots_txt,
+                x_robots_tag=c.x_robots_tag,
+                allow_private=tuple(c.allow_private),
+            )
+        )
+        self._image = ImageOptions(
+            image_size=c.image_size,
+            resize_mode=c.resize_mode,
+            resize_only_if_bigger=c.resize_only_if_bigger,
+            min_image_size=c.min_image_size,
+            max_aspect_ratio=c.max_aspect_ratio,
+            max_pixels=c.max_pixels,
+            formats=tuple(c.formats),
+            encode_format=c.encode_format,
+            encode_quality=c.encode_quality,
+        )
+
+    def _one(self, url: str) -> Processed:
+        fetched = self._fetcher.fetch(url)
+        if fetched.status != "ok":
+            return Processed(fetched.status, fetched.error)
+        return process(fetched.body or b"", self._image)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if not hasattr(self, "_fetcher"):
+            self.setup()
+        todo = [i for i, keep in enumerate(is_kept(table).to_pylist()) if keep]
+        urls = table["url"].to_pylist()
+        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, max(len(todo), 1))) as pool:
+            results = dict(zip(todo, pool.map(self._one, [urls[i].strip() for i in todo]), strict=True))
+
+        status, error = table["status"].to_pylist(), table["error"].to_pylist()
+        out: dict[str, list] = {k: [None] * table.num_rows for k in self.writes[2:]}
+        for i, r in results.items():
+            status[i], error[i] = r.status, r.error
+            for key in out:
+                out[key][i] = getattr(r, key)
+        table = table.set_column(
+            table.schema.get_field_index("status"), "status", pa.array(status, pa.string())
+        )
+        table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+        for key, values in out.items():
+            array = pa.array(values, COLUMNS[key].type)
+            if key in table.column_names:
+                table = table.set_column(table.schema.get_field_index(key), key, array)
+            else:
+                table = table.append_column(key, array)
+        return table

@@ -1,0 +1,293 @@
+"""The download stage against a real local HTTP server: every status from a real request, SSRF attempts
+that never reach a canary listener, a whole pipeline run, and `curate retry`."""
+
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import webdataset as wds
+from conftest import sidecars, write_pipeline
+from PIL import Image
+from test_imaging import encode, png_claiming
+
+from curate.config import load_config
+from curate.demo.server import WorldServer
+from curate.runner import run_pipeline
+from curate.stages.download import Download, DownloadConfig
+
+
+@pytest.fixture(scope="module")
+def server():
+    with WorldServer() as s:
+        rng = np.random.default_rng(0)
+        photo = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        jpg = encode(photo, "JPEG")
+        s.add("/ok.jpg", jpg, "image/jpeg")
+        s.add("/photo.png", encode(photo, "PNG"), "image/png")
+        s.add("/html.jpg", b"<!DOCTYPE html><html><body>Not here</body></html>", "image/jpeg")
+        s.add("/truncated.jpg", jpg[: len(jpg) // 2], "image/jpeg")
+        s.add("/bomb.png", png_claiming(100_000, 100_000), "image/png")
+        s.add("/cmyk.jpg", encode(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG"), "image/jpeg")
+        s.add(
+            "/16bit.png",
+            encode(Image.fromarray(np.full((48, 64), 30000, dtype=np.uint16)), "PNG"),
+            "image/png",
+        )
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        s.add("/rotated.jpg", encode(Image.new("RGB", (120, 40), "green"), "JPEG", exif=exif), "image/jpeg")
+        frames = [Image.new("RGB", (50, 50), c) for c in ("red", "blue")]
+        s.add("/anim.gif", encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), "image/gif")
+        yield s
+
+
+def download(server, paths, **cfg):
+    """Run the stage on ``server.url + path`` for each path; returns the output rows by path."""
+    cfg = {"allow_private": [server.host_port], "image_size": 32, "resize_mode": "keep_ratio", **cfg}
+    stage = Download(DownloadConfig(**cfg))
+    stage.setup()
+    urls = [p if "://" in p else server.url + p for p in paths]
+    n = len(urls)
+    t = pa.table(
+        {
+            "url": urls,
+            "status": ["ok"] * n,
+            "error": pa.nulls(n, pa.string()),
+            "drop_reason": pa.nulls(n, pa.string()),
+        }
+    )
+    return dict(zip(paths, stage(t).to_pylist(), strict=True))
+
+
+def test_good_images_of_every_kind(server):
+    rows = download(
+        server,
+        [
+            "/ok.jpg",
+            "/photo.png",
+            "/cmyk.jpg",
+            "/16bit.png",
+            "/rotated.jpg",
+            "/anim.gif",
+            "/redirect/3/ok.jpg",
+        ],
+    )
+    for path, row in rows.items():
+        assert row["status"] == "ok", (path, row["error"])
+        img = Image.open(io.BytesIO(row["image"]))
+        assert img.format == "JPEG" and img.mode == "RGB" and min(img.size) == 32
+        assert (row["width"], row["height"]) == img.size
+    assert (rows["/ok.jpg"]["orig_width"], rows["/ok.jpg"]["orig_height"]) == (320, 240)
+    assert (rows["/rotated.jpg"]["orig_width"], rows["/rotated.jpg"]["orig_height"]) == (40, 120)
+    assert rows["/photo.png"]["mime"] == "image/png" and rows["/anim.gif"]["mime"] == "image/gif"
+    assert rows["/ok.jpg"]["sha256"] == rows["/redirect/3/ok.jpg"]["sha256"]
+    assert server.hits["/robots.txt"] == 1  # once per origin, for seven URLs on eight threads
+
+
+def test_every_failure_has_its_status(server):
+    rows = download(
+        server,
+        [
+            "/status/404",
+            "/status/403",
+            "/html.jpg",
+            "/truncated.jpg",
+            "/bomb.png",
+            "/loop",
+            "/optout/noai/a.jpg",
+            "/optout/noimageindex/b.jpg",
+            "/private/c.jpg",
+            "/endless",
+            "/slow/5",
+        ],
+        max_bytes=1 << 20,
+        read_timeout=1,
+        retries=0,
+        total_timeout=4,
+    )
+    got = {p: r["status"] for p, r in rows.items()}
+    assert got == {
+        "/status/404": "http_404",
+        "/status/403": "http_403",
+        "/html.jpg": "not_an_image",
+        "/truncated.jpg": "decode_error",
+        "/bomb.png": "too_many_pixels",
+        "/loop": "too_many_redirects",
+        "/optout/noai/a.jpg": "opted_out",
+        "/optout/noimageindex/b.jpg": "opted_out",
+        "/private/c.jpg": "opted_out",
+        "/endless": "too_large",
+        "/slow/5": "timeout",
+    }
+    assert rows["/optout/noai/a.jpg"]["error"] == "X-Robots-Tag: noai"
+    assert "robots.txt" in rows["/private/c.jpg"]["error"]
+    assert all(r["image"] is None for p, r in rows.items() if r["status"] != "ok")
+    assert rows["/status/404"]["error"].startswith("HTTP 404")
+
+
+def test_x_robots_tag_parsing():
+    from curate.net import _opt_out
+
+    assert _opt_out([("X-Robots-Tag", "noarchive, NoAI")]) == "noai"
+    assert _opt_out([("x-robots-tag", "googlebot: noindex")]) is None  # for another crawler
+    assert _opt_out([("X-Robots-Tag", "curate: noimageai")]) == "noimageai"
+    assert _opt_out([("X-Robots-Tag", "*: noindex"), ("Content-Type", "image/jpeg")]) == "noindex"
+    assert _opt_out([("X-Robots-Tag", "nofollow")]) is None
+
+
+def test_retries_only_transient_failures(server):
+    before = dict(server.hits)
+    rows = download(
+        server, ["/flaky/a/2", "/status/500", "/status/404", "/status/429"], retries=2, backoff=0.01
+    )
+    assert (
+        rows["/flaky/a/2"]["status"] == "ok" and server.hits["/flaky/a/2"] - before.get("/flaky/a/2", 0) == 3
+    )
+    assert (
+        rows["/status/500"]["status"] == "http_500"
+        and server.hits["/status/500"] - before.get("/status/500", 0) == 3
+    )
+    assert (
+        rows["/status/429"]["status"] == "http_429"
+        and server.hits["/status/429"] - before.get("/status/429", 0) == 3
+    )
+    assert server.hits["/status/404"] - before.get("/status/404", 0) == 1  # a 4xx is never retried
+
+
+def test_a_trickling_body_is_cut_by_the_total_deadline(server):
+    start = time.monotonic()
+    rows = download(server, ["/trickle"], total_timeout=2, read_timeout=5, retries=3)
+    took = time.monotonic() - start
+    assert rows["/trickle"]["status"] == "timeout" and "deadline" in rows["/trickle"]["error"]
+    assert took < 3.0  # the deadline covers retries: one second of grace at most
+
+
+@pytest.fixture
+def canary():
+    """A listener on a loopback port that records every connection it gets."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.settimeout(0.1)
+    seen = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, addr = sock.accept()
+                seen.append(addr)
+                conn.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1], seen
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+def test_ssrf_attempts_never_connect(server, canary):
+    port, seen = canary
+    attempts = [
+        "file:///etc/passwd",
+        "http://169.254.169.254/latest/meta-data/",
+        f"http://2130706433:{port}/x.jpg",  # 127.0.0.1 in decimal
+        f"http://0x7f000001:{port}/x.jpg",  # in hex
+        f"http://0177.0.0.1:{port}/x.jpg",  # in octal
+        f"http://[::ffff:127.0.0.1]:{port}/x.jpg",  # IPv4-mapped IPv6
+        f"http://localhost:{port}/x.jpg",
+        f"http://10.0.0.1:{port}/x.jpg",
+        f"http://100.64.0.1:{port}/x.jpg",  # CGNAT
+        f"http://[fd00::1]:{port}/x.jpg",  # unique local
+        f"/redirect-to?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fsecret",  # the allowed server redirects away
+        "/redirect-to?url=file%3A%2F%2F%2Fetc%2Fpasswd",
+    ]
+    rows = download(server, attempts, robots_txt=False)
+    for url, row in rows.items():
+        assert row["status"] == "blocked_address", (url, row)
+    assert seen == []
+    assert "127.0.0.1 is a loopback address" in rows[f"http://2130706433:{port}/x.jpg"]["error"]
+
+
+def test_allow_private_is_host_and_port_exact(server, canary):
+    port, seen = canary
+    rows = download(server, [f"http://127.0.0.1:{port}/x.jpg"], robots_txt=False)
+    assert rows[f"http://127.0.0.1:{port}/x.jpg"]["status"] == "blocked_address" and seen == []
+    with pytest.raises(ValueError, match="not host:port"):
+        DownloadConfig(allow_private=["127.0.0.1"])
+
+
+def world_pipeline(tmp_path, server, paths, **download):
+    n = len(paths)
+    captions = [f"a test picture number {i}" for i in range(n)]
+    pa_table = pa.table({"url": [server.url + p for p in paths], "caption": captions})
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa_table, tmp_path / "in.parquet")
+    stage = {"stage": "download", "allow_private": [server.host_port], "image_size": 32, **download}
+    return write_pipeline(
+        tmp_path / "p.yaml",
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        [stage],
+        shard_size=10,
+        input={"url_col": "url", "caption_col": "caption"},
+    )
+
+
+def test_a_pipeline_run_accounts_for_every_row(tmp_path, server):
+    paths = ["/ok.jpg", "/status/404", "/html.jpg", "/photo.png", "/loop"] * 5
+    p = world_pipeline(tmp_path, server, paths)
+    summary = run_pipeline(load_config(p), show_progress=False)
+    assert summary.exit_code == 0 and summary.counts["rows"] == 25
+    assert summary.counts["status"] == {"http_404": 5, "not_an_image": 5, "ok": 10, "too_many_redirects": 5}
+    side = sidecars(tmp_path / "out")
+    assert "image" not in side.column_names and side["sha256"].null_count == 10
+    samples = list(
+        wds.WebDataset(sorted(str(x) for x in (tmp_path / "out/shards").glob("*.tar")), shardshuffle=False)
+    )
+    assert len(samples) == 10 and all(
+        Image.open(io.BytesIO(s["jpg"])).size == (42, 32) or Image.open(io.BytesIO(s["jpg"])).size == (32, 32)
+        for s in samples
+    )
+    assert {json.loads(s["json"])["status"] for s in samples} == {"ok"}
+
+
+def test_retry_refetches_only_transient_failures(tmp_path, server, cli):
+    # shard 00000: all fine; shard 00001: two URLs that fail twice, then work; and a 404 that stays
+    paths = ["/ok.jpg"] * 10 + ["/flaky/r1/2", "/flaky/r2/2", "/status/404"] + ["/ok.jpg"] * 7
+    p = world_pipeline(tmp_path, server, paths, retries=0)
+    assert cli("run", p, "-q").code == 0
+    shards = tmp_path / "out/shards"
+    untouched = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in shards.glob("00000*")}
+    before = json.loads((shards / "00001_stats.json").read_text())
+    assert before["status"] == {"http_404": 1, "http_500": 2, "ok": 17 - 10}
+
+    r = cli("retry", tmp_path / "out")  # first try: each flaky URL fails a second time
+    assert (
+        r.code == 0 and "retried 2 row(s) in 1 shard(s): 0 recovered; still failing: http_500: 2" in r.out
+    ), r
+    r = cli("retry", tmp_path / "out", "--status", "http_5xx")
+    assert r.code == 0 and "2 recovered" in r.out, r
+
+    after = json.loads((shards / "00001_stats.json").read_text())
+    assert after["status"] == {"http_404": 1, "ok": 9} and after["kept"] == 9 and len(after["retries"]) == 2
+    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in shards.glob("00000*")} == untouched
+    side = sidecars(tmp_path / "out")
+    assert (
+        sorted(side["input_index"].to_pylist()) == list(range(20))
+        and side["status"].to_pylist().count("ok") == 19
+    )
+    tar = list(wds.WebDataset(str(shards / "00001.tar"), shardshuffle=False))
+    assert len(tar) == 9 and all("jpg" in s for s in tar)
+    info = json.loads((tmp_path / "out/run.json").read_text())
+    assert info["counts"]["ok"] == 19 and len(info["retries"]) == 2
+    assert cli("retry", tmp_path / "out", "--status", "http_404").out.startswith("retried 1 row(s)")
