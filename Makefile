@@ -20,11 +20,9 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
-# The demo runs offline: a generated LAION-style input of 10,000 rows through pipelines/demo.yaml.
+# The demo runs offline: it builds the sample world, serves it on 127.0.0.1 and runs pipelines/demo.yaml.
 demo: $(STAMP)
-	$(BIN)/python -c "from curate.testing import make_input; make_input('demo-output/input/urls.parquet', 10000, bad_every=23)"
-	$(BIN)/curate validate pipelines/demo.yaml
-	$(BIN)/curate run pipelines/demo.yaml --overwrite
+	$(BIN)/curate demo --output demo-output
 	$(BIN)/curate status demo-output/run
 
 lint: $(STAMP)

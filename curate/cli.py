@@ -140,6 +140,26 @@ def retry(
 
 
 @app.command()
+def demo(
+    output: Annotated[str, typer.Option(help="Where the world and the run go.")] = "demo-output",
+    size: Annotated[int, typer.Option(help="Rows in the generated world.")] = 2000,
+    executor: Annotated[str | None, typer.Option(help="local or ray (default: the demo pipeline's).")] = None,
+) -> None:
+    """Build the offline sample world, serve it on 127.0.0.1 and run pipelines/demo.yaml against it."""
+    from curate.demo.run import run_demo
+
+    summary, truth = run_demo(output, size, executor, err)
+    out.print(f"shards: {output}/run/shards  (WebDataset tars, parquet sidecars, stats)")
+    out.print(f"summary: curate status {output}/run   ground truth: {output}/world/truth.parquet")
+    out.print(
+        f"download statuses match the planted ground truth for {truth['agree']:,}/{truth['checked']:,} fetched rows"
+    )
+    for what, n in sorted(truth["differ"].items()):
+        out.print(f"  [yellow]{n:,} x {what}")
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
 def status(
     output: Annotated[str, typer.Argument(help="The output folder of a run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,

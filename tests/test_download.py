@@ -291,3 +291,19 @@ def test_retry_refetches_only_transient_failures(tmp_path, server, cli):
     info = json.loads((tmp_path / "out/run.json").read_text())
     assert info["counts"]["ok"] == 19 and len(info["retries"]) == 2
     assert cli("retry", tmp_path / "out", "--status", "http_404").out.startswith("retried 1 row(s)")
+
+
+def test_ray_and_local_download_the_same_bytes(tmp_path, server, ray_cluster):
+    from conftest import shard_files
+
+    paths = ["/ok.jpg", "/photo.png", "/status/404", "/cmyk.jpg", "/anim.gif"] * 6
+    p = world_pipeline(tmp_path, server, paths)
+    local = run_pipeline(load_config(p, [f"output.path={tmp_path / 'local'}"]), show_progress=False)
+    ray = run_pipeline(
+        load_config(p, [f"output.path={tmp_path / 'ray'}", "executor.kind=ray"]), show_progress=False
+    )
+    assert local.exit_code == ray.exit_code == 0 and ray.counts == local.counts
+    assert (
+        shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
+        and len(shard_files(tmp_path / "ray")) == 6
+    )

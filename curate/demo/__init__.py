@@ -1,0 +1,1 @@
+"""The offline sample world: generated images with ground truth, served from a local HTTP server."""

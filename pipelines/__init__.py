@@ -1,0 +1,1 @@
+"""The pipelines shipped with curate, installed as ``curate.pipelines`` (package data)."""
