@@ -238,7 +238,9 @@ class Fetcher:
                 raise _Fail(
                     "timeout", f"total deadline of {self.policy.total_timeout:g}s passed after {size:,} bytes"
                 ) from None
-            raise _Fail("timeout", f"no data for {self.policy.read_timeout:g}s after {size:,} bytes") from None
+            raise _Fail(
+                "timeout", f"no data for {self.policy.read_timeout:g}s after {size:,} bytes"
+            ) from None
         except (OSError, http.client.HTTPException) as e:
             raise _Fail("connection_error", f"{type(e).__name__} after {size:,} bytes: {e}") from None
         return b"".join(chunks)
