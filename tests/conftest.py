@@ -84,3 +84,15 @@ def shard_files(output: Path) -> dict[str, bytes]:
         for p in sorted((output / "shards").iterdir())
         if p.suffix in (".tar", ".parquet")
     }
+
+
+@pytest.fixture(scope="session")
+def world_server():
+    """A small sample world (200 rows, with its ground truth), served on 127.0.0.1 for the session."""
+    from curate.demo.server import WorldServer
+    from curate.demo.world import build_world
+
+    world = build_world(200, seed=3)
+    with WorldServer() as server:
+        world.serve(server)
+        yield world, server

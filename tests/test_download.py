@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
@@ -229,8 +230,6 @@ def world_pipeline(tmp_path, server, paths, **download):
     n = len(paths)
     captions = [f"a test picture number {i}" for i in range(n)]
     pa_table = pa.table({"url": [server.url + p for p in paths], "caption": captions})
-    import pyarrow.parquet as pq
-
     pq.write_table(pa_table, tmp_path / "in.parquet")
     stage = {"stage": "download", "allow_private": [server.host_port], "image_size": 32, **download}
     return write_pipeline(
@@ -307,3 +306,27 @@ def test_ray_and_local_download_the_same_bytes(tmp_path, server, ray_cluster):
         shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
         and len(shard_files(tmp_path / "ray")) == 6
     )
+
+
+def test_the_sample_world_downloads_to_its_ground_truth(tmp_path, world_server):
+    world, server = world_server
+    paths = world.write(tmp_path / "world", server.url)
+    stage = {"stage": "download", "allow_private": [server.host_port], "image_size": 64, "backoff": 0.05}
+    p = write_pipeline(
+        tmp_path / "p.yaml",
+        paths["input"],
+        tmp_path / "out",
+        [stage],
+        shard_size=50,
+        input={"url_col": "url", "caption_col": "caption"},
+    )
+    assert run_pipeline(load_config(p), show_progress=False).exit_code == 0
+    truth = {r["uid"]: r for r in pq.read_table(paths["truth"]).to_pylist()}
+    side = sidecars(tmp_path / "out").to_pylist()
+    assert len(side) == len(truth) == 200
+    for row in side:
+        assert row["status"] == truth[row["uid"]]["expected_status"], (row["url"], row["error"])
+    # exact duplicates share the sha256 of their original's bytes: what exact dedup will rely on
+    sha = {r["uid"]: r["sha256"] for r in side}
+    dups = [t for t in truth.values() if t["kind"] == "exact_duplicate"]
+    assert dups and all(sha[t["uid"]] == sha[t["duplicate_of_uid"]] for t in dups)
