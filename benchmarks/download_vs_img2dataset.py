@@ -1,0 +1,504 @@
+"""Download throughput and memory: curate vs img2dataset, same machine, same URLs, same run.
+
+Serves generated photo-like images (100-300 KB, 512-1536 px a side, ~10% PNG) from a local HTTP server
+in a separate process, then runs img2dataset (from its own venv, created on first use) and curate one
+after the other on the same URL list: resize to 256 px (center crop), JPEG quality 95, WebDataset shards
+of 1,000. Prints images written, wall seconds, images/s and the peak memory of each tool's process tree
+(polled every 0.1 s): RSS summed over the tree, which counts the pages forked workers share once per
+process, and PSS, which splits them; and the ratios curate / img2dataset. Offline: nothing but
+127.0.0.1 is contacted once the peer venv exists.
+
+    .venv/bin/python benchmarks/download_vs_img2dataset.py --images 5000 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_VENV = REPO / ".bench-venv"
+IMG2DATASET = "img2dataset==1.47.0"
+CURATE = REPO / ".venv" / "bin" / "curate"
+PIPELINE = REPO / "pipelines" / "download_only.yaml"
+CACHE = Path(tempfile.gettempdir()) / "curate-bench-images"
+
+IMAGE_SIZE = 256
+SHARD_SIZE = 1000
+PROCESSES = 2
+THREADS = 32
+QUIET_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations checks PyPI for updates on import
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+
+
+# ---------------------------------------------------------------- images
+
+
+def _field(rng: np.random.Generator, w: int, h: int, cells: int, amp: float) -> np.ndarray:
+    """Smooth random colour variation: a coarse random grid upsampled bicubically, centred on 0."""
+    cw, ch = max(2, cells * w // max(w, h)), max(2, cells * h // max(w, h))
+    small = (rng.uniform(-amp, amp, (ch, cw, 3)) + 128).clip(0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32) - 128
+
+
+def _scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Gradients and soft-edged shapes: drawn at half size and upsampled, which blurs the edges."""
+    sw, sh = w // 2, h // 2
+    pixels = (
+        rng.uniform(70, 180, 3).astype(np.float32) + _field(rng, sw, sh, 3, 80) + _field(rng, sw, sh, 12, 35)
+    )
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(4, 14)):
+        x0, y0 = int(rng.integers(0, sw)), int(rng.integers(0, sh))
+        box = (x0, y0, x0 + int(rng.integers(10, sw // 2)), y0 + int(rng.integers(10, sh // 2)))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    return np.asarray(img.resize((w, h), Image.BICUBIC), np.float32)
+
+
+def _detail(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Fine texture and sensor-like noise: what makes a photo expensive to compress."""
+    side = max(w, h)
+    noise = rng.integers(-50, 51, (h, w, 3), dtype=np.int8).astype(np.float32)
+    return _field(rng, w, h, side // 16, 60) + _field(rng, w, h, side // 4, 60) + noise
+
+
+def _encode(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    img.save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {"compress_level": 6}))
+    return buf.getvalue()
+
+
+def _fit(render: Callable[[float], bytes], target: int, tol: float = 0.05, steps: int = 8) -> bytes:
+    """Search a knob in [0, 1] (file size grows with it) for an encoding within ``tol`` of ``target``."""
+    data = render(0.0)
+    lo, lo_size = 0.0, len(data)
+    if lo_size >= target:
+        return data
+    big = render(1.0)
+    hi, hi_size = 1.0, len(big)
+    if hi_size <= target:
+        return big
+    for _ in range(steps):
+        t = min(max((target - lo_size) / (hi_size - lo_size), 0.1), 0.9)  # interpolate, but always move
+        knob = lo + t * (hi - lo)
+        data = render(knob)
+        if abs(len(data) - target) <= tol * target:
+            break
+        if len(data) < target:
+            lo, lo_size = knob, len(data)
+        else:
+            hi, hi_size = knob, len(data)
+    return data
+
+
+def make_image(job: tuple[int, int, str]) -> dict:
+    """Image ``index`` of the set: its own seeded RNG, so any worker makes the same bytes."""
+    index, seed, folder = job
+    rng = np.random.default_rng([seed, index])
+    ratio = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 2.0]))
+    long = int(rng.integers(int(512 * ratio), 1537))
+    w, h = (long, round(long / ratio)) if rng.random() < 0.6 else (round(long / ratio), long)
+    png = rng.random() < 0.1
+    target = int(rng.integers(110_000, 280_000))
+    scene, detail = _scene(rng, w, h), _detail(rng, w, h)
+    if png:  # a flat-colour graphic with a photo inset whose area sets the size
+        flat = (scene // 32) * 32 + 16
+        x0, y0 = rng.uniform(0, 1, 2)
+
+        def render(knob: float) -> bytes:
+            iw, ih = int(w * knob**0.5), int(h * knob**0.5)
+            x, y = int(x0 * (w - iw)), int(y0 * (h - ih))
+            pixels = flat.copy()
+            pixels[y : y + ih, x : x + iw] = (
+                scene[y : y + ih, x : x + iw] + 0.3 * detail[y : y + ih, x : x + iw]
+            )
+            return _encode(pixels, "PNG", 0)
+
+    else:
+        quality = int(rng.integers(80, 93))
+
+        def render(knob: float) -> bytes:
+            return _encode(scene + 3 * knob * detail, "JPEG", quality)
+
+    data = _fit(render, target)
+    name = f"{index:06d}.{'png' if png else 'jpg'}"
+    (Path(folder) / name).write_bytes(data)
+    return {"name": name, "width": w, "height": h, "bytes": len(data)}
+
+
+def image_set(count: int, seed: int) -> tuple[Path, list[dict]]:
+    """The cached image folder for (count, seed); made with every core if absent or incomplete."""
+    folder = CACHE / f"{count}-{seed}"
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        return folder, json.loads(manifest.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"generating {count:,} images into {folder} ...", flush=True)
+    start = time.perf_counter()
+    with mp.Pool(os.cpu_count()) as pool:
+        jobs = [(i, seed, str(folder)) for i in range(count)]
+        images = pool.map(make_image, jobs, chunksize=16)
+    manifest.write_text(json.dumps(images))  # written last: its presence means the set is complete
+    print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+    return folder, images
+
+
+def image_stats(images: list[dict]) -> dict:
+    sizes = np.array([i["bytes"] for i in images]) / 1000
+    sides = np.array([(i["width"], i["height"]) for i in images])
+    pngs = sum(i["name"].endswith(".png") for i in images)
+    return {
+        "count": len(images),
+        "png": pngs,
+        "kb_min": round(float(sizes.min()), 1),
+        "kb_median": round(float(np.median(sizes)), 1),
+        "kb_mean": round(float(sizes.mean()), 1),
+        "kb_max": round(float(sizes.max()), 1),
+        "side_min": int(sides.min()),
+        "side_max": int(sides.max()),
+        "megapixels_mean": round(float((sides[:, 0] * sides[:, 1]).mean() / 1e6), 2),
+        "total_mb": round(float(sizes.sum() / 1000), 1),
+    }
+
+
+def write_url_list(path: Path, images: list[dict], port: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    things = ["dog", "mountain lake", "city street", "bowl of fruit", "old car", "forest path", "beach"]
+    looks = ["at dusk", "in the rain", "on a sunny day", "from above", "in winter", "close up"]
+    captions = [f"a photo of a {rng.choice(things)} {rng.choice(looks)}" for _ in images]
+    urls = [f"http://127.0.0.1:{port}/{i['name']}" for i in images]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), path)
+
+
+# ---------------------------------------------------------------- server
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the default backlog of 5 is small for 64 concurrent client threads
+
+
+def _serve(folder: str, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    with _Server(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder)) as httpd:
+        conn.send(httpd.server_address[1])
+        conn.close()
+        httpd.serve_forever()
+
+
+class ImageServer:
+    """A static file server in its own process: its CPU is not in either tool's tree but shares the box."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.process: mp.Process | None = None
+        self.port = 0
+
+    def __enter__(self) -> ImageServer:
+        parent, child = mp.Pipe(duplex=False)
+        self.process = mp.Process(target=_serve, args=(str(self.folder), child), daemon=True)
+        self.process.start()
+        child.close()
+        if not parent.poll(30):
+            raise RuntimeError("the image server did not start")
+        self.port = parent.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+
+
+# ---------------------------------------------------------------- tools
+
+
+def ensure_img2dataset() -> Path:
+    """img2dataset's pins clash with curate's (webdataset<0.3, pandas<3): it gets a venv of its own."""
+    exe = PEER_VENV / "bin" / "img2dataset"
+    if exe.exists():
+        return exe
+    print(f"creating {PEER_VENV} with {IMG2DATASET} (once) ...", flush=True)
+    for cmd in (
+        [sys.executable, "-m", "venv", str(PEER_VENV)],
+        [str(PEER_VENV / "bin" / "pip"), "install", "-q", IMG2DATASET],
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(PEER_VENV, ignore_errors=True)
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return exe
+
+
+@dataclass
+class Result:
+    tool: str
+    images_ok: int
+    images_total: int
+    wall_s: float
+    images_per_s: float
+    peak_rss_mib: float
+    peak_pss_mib: float
+    returncode: int
+
+
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """RSS and PSS of ``proc`` and all its descendants, in bytes (PSS from smaps_rollup: cheap)."""
+    rss = pss = 0
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    for p in family:
+        with contextlib.suppress(psutil.Error):  # exited between listing and reading
+            mem = p.memory_full_info()
+            rss, pss = rss + mem.rss, pss + mem.pss
+    return rss, pss
+
+
+def _kill_tree(popen: subprocess.Popen) -> None:
+    try:
+        family = [psutil.Process(popen.pid), *psutil.Process(popen.pid).children(recursive=True)]
+    except psutil.Error:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(family, timeout=5)
+        if not alive:
+            break
+        family = alive
+    popen.wait()
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, tuple[int, int], int]:
+    """Run ``cmd`` (output to ``log``), polling its tree's memory: (wall s, peak (RSS, PSS) bytes, exit)."""
+    env = {**os.environ, **QUIET_ENV}
+    with log.open("wb") as out:
+        start = time.perf_counter()
+        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc, peak_rss, peak_pss = psutil.Process(popen.pid), 0, 0
+            while popen.poll() is None:
+                rss, pss = _tree_memory(proc)
+                peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+                time.sleep(0.1)
+            wall = time.perf_counter() - start
+        finally:
+            if popen.poll() is None:  # Ctrl-C or an error here: take the tool down with us
+                _kill_tree(popen)
+            with contextlib.suppress(ProcessLookupError):  # and anything it left behind in its session
+                os.killpg(popen.pid, signal.SIGKILL)
+    return wall, (peak_rss, peak_pss), popen.returncode
+
+
+def count_jpgs(tars: list[Path]) -> int:
+    count = 0
+    for path in tars:
+        with tarfile.open(path) as tar:
+            count += sum(1 for m in tar if m.isfile() and m.name.endswith(".jpg"))
+    return count
+
+
+def measure(tool: str, cmd: list[str], tar_dir: Path, log: Path, total: int) -> Result:
+    wall, peak, rc = run_measured(cmd, log)
+    ok = count_jpgs(sorted(tar_dir.glob("*.tar"))) if tar_dir.exists() else 0
+    if rc != 0 or ok == 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        print(f"{tool} exited with {rc}, {ok} images written; log tail:\n  " + "\n  ".join(tail))
+    rss, pss = (round(b / 2**20) for b in peak)
+    return Result(tool, ok, total, round(wall, 2), round(ok / wall, 1), rss, pss, rc)
+
+
+def run_img2dataset(exe: Path, url_list: Path, out: Path, total: int) -> Result:
+    cmd = [
+        str(exe),
+        f"--url_list={url_list}",
+        "--input_format=parquet",
+        "--url_col=url",
+        "--caption_col=caption",
+        "--output_format=webdataset",
+        f"--output_folder={out}",
+        f"--image_size={IMAGE_SIZE}",
+        "--resize_mode=center_crop",
+        f"--processes_count={PROCESSES}",
+        f"--thread_count={THREADS}",
+        f"--number_sample_per_shard={SHARD_SIZE}",
+        "--encode_format=jpg",
+        "--encode_quality=95",
+        "--distributor=multiprocessing",
+        "--enable_wandb=False",
+    ]
+    return measure("img2dataset", cmd, out, out.with_suffix(".log"), total)
+
+
+def curate_sets(url_list: Path, out: Path, port: int) -> list[str]:
+    sets = [
+        f"input.path={url_list}",
+        "input.url_col=url",
+        "input.caption_col=caption",
+        f"output.path={out}",
+        f"shard_size={SHARD_SIZE}",
+        f'stages.download.allow_private=["127.0.0.1:{port}"]',
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def curate_problem(sets: list[str]) -> str | None:
+    """Why the curate side cannot run (``curate validate`` fails), or None."""
+    if not PIPELINE.exists():
+        return f"{PIPELINE.relative_to(REPO)} does not exist"
+    done = subprocess.run(
+        [str(CURATE), "validate", str(PIPELINE), *sets],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **QUIET_ENV},
+    )
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return "curate validate failed: " + (lines[-1] if lines else f"exit code {done.returncode}")
+
+
+def run_curate(url_list: Path, out: Path, port: int, total: int) -> Result | None:
+    sets = curate_sets(url_list, out, port)
+    problem = curate_problem(sets)
+    if problem:
+        print(f"skipping curate: {problem}")
+        return None
+    cmd = [str(CURATE), "run", str(PIPELINE), "--overwrite", "-q", *sets]
+    return measure("curate", cmd, out / "shards", out.with_suffix(".log"), total)
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratios(results: dict[str, Result]) -> dict[str, float]:
+    if "curate" not in results or "img2dataset" not in results:
+        return {}
+    cur, ref = asdict(results["curate"]), asdict(results["img2dataset"])
+    keys = {"throughput": "images_per_s", "peak_rss": "peak_rss_mib", "peak_pss": "peak_pss_mib"}
+    return {name: round(cur[k] / ref[k], 2) if ref[k] else float("nan") for name, k in keys.items()}
+
+
+def print_report(stats: dict, results: dict[str, Result], ratio: dict[str, float]) -> None:
+    print(
+        f"\n{stats['count']:,} images ({stats['png']} PNG), {stats['kb_min']:.0f}-{stats['kb_max']:.0f} KB "
+        f"(median {stats['kb_median']:.0f}), {stats['side_min']}-{stats['side_max']} px a side, "
+        f"{stats['total_mb']:,.0f} MB; -> {IMAGE_SIZE} px center crop, JPEG q95; "
+        f"{os.cpu_count()} CPUs; img2dataset {PROCESSES} processes x {THREADS} threads, "
+        f"curate as in {PIPELINE.relative_to(REPO)}\n"
+    )
+    row = "{:<12} {:>11} {:>8} {:>9} {:>13} {:>13}".format
+    print(row("tool", "images ok", "wall s", "images/s", "peak RSS MiB", "peak PSS MiB"))
+    for r in results.values():
+        ok = f"{r.images_ok}/{r.images_total}"
+        print(row(r.tool, ok, f"{r.wall_s:.1f}", f"{r.images_per_s:.1f}", r.peak_rss_mib, r.peak_pss_mib))
+    if ratio:
+        print(
+            f"\ncurate / img2dataset: throughput {ratio['throughput']:.2f}x, "
+            f"peak RSS {ratio['peak_rss']:.2f}x, peak PSS {ratio['peak_pss']:.2f}x"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=5000, help="how many images to serve")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated image set")
+    ap.add_argument("--skip-img2dataset", action="store_true")
+    ap.add_argument("--skip-curate", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (their folder is printed)")
+    ap.add_argument("--json", type=Path, help="also save the figures here")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill too
+
+    exe = None if args.skip_img2dataset else ensure_img2dataset()
+    folder, images = image_set(args.images, args.seed)
+    stats = image_stats(images)
+    work = Path(tempfile.mkdtemp(prefix="curate-bench-"))
+    results: dict[str, Result] = {}
+    try:
+        with ImageServer(folder) as server:
+            url_list = work / "urls.parquet"
+            write_url_list(url_list, images, server.port, args.seed)
+            if exe is not None:
+                results["img2dataset"] = run_img2dataset(exe, url_list, work / "img2dataset", len(images))
+            if not args.skip_curate:
+                curate = run_curate(url_list, work / "curate", server.port, len(images))
+                if curate is not None:
+                    results["curate"] = curate
+    finally:
+        if args.keep:
+            print(f"outputs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    ratio = ratios(results)
+    print_report(stats, results, ratio)
+    if args.json:
+        doc = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "system": platform.platform(),
+            },
+            "settings": {
+                "image_size": IMAGE_SIZE,
+                "resize_mode": "center_crop",
+                "encode_quality": 95,
+                "shard_size": SHARD_SIZE,
+                "processes": PROCESSES,
+                "threads": THREADS,
+            },
+            "images": stats,
+            "results": {name: asdict(r) for name, r in results.items()},
+            "ratios": ratio,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # the server and any running tool were stopped on the way out
+        sys.exit("interrupted")
