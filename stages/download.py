@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,16 @@ class DownloadConfig(StrictModel):
         return self
 
 
+def _pick(cls: type, config: StrictModel):
+    """An instance of the dataclass ``cls`` from the config fields of the same names (lists as tuples)."""
+    values = config.model_dump()
+    return cls(**{f.name: _frozen(values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def limit_malloc_arenas(arenas: int) -> bool:
     """Cap glibc's malloc arenas before the download threads start. glibc gives every thread that allocates
     an arena of its own (up to 8 per core), and memory freed by dozens of download threads stays spread over
@@ -124,33 +135,8 @@ class Download(Stage):
         decoders = c.decode_threads or os.cpu_count() or 1
         self._decoders = threading.BoundedSemaphore(decoders)
         limit_malloc_arenas(max(2, decoders))
-        self._fetcher = Fetcher(
-            FetchPolicy(
-                user_agent=c.user_agent,
-                connect_timeout=c.connect_timeout,
-                read_timeout=c.read_timeout,
-                total_timeout=c.total_timeout,
-                max_bytes=c.max_bytes,
-                retries=c.retries,
-                backoff=c.backoff,
-                max_redirects=c.max_redirects,
-                robots_txt=c.robots_txt,
-                x_robots_tag=c.x_robots_tag,
-                allow_private=tuple(c.allow_private),
-            )
-        )
-        self._image = ImageOptions(
-            image_size=c.image_size,
-            resize_mode=c.resize_mode,
-            resize_only_if_bigger=c.resize_only_if_bigger,
-            resample=c.resample,
-            min_image_size=c.min_image_size,
-            max_aspect_ratio=c.max_aspect_ratio,
-            max_pixels=c.max_pixels,
-            formats=tuple(c.formats),
-            encode_format=c.encode_format,
-            encode_quality=c.encode_quality,
-        )
+        self._fetcher = Fetcher(_pick(FetchPolicy, c))
+        self._image = _pick(ImageOptions, c)
 
     def _one(self, url: str) -> Processed:
         fetched = self._fetcher.fetch(url)
