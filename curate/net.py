@@ -76,8 +76,8 @@ def address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
         ("multicast", ip.is_multicast),
         ("unspecified", ip.is_unspecified),
         ("CGNAT", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
-        ("private", ip.is_private),
         ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
         ("not global", not ip.is_global),
     ]
     for name, hit in checks:
