@@ -17,10 +17,15 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 
 def _register_builtin() -> None:
+    from curate.stages.aesthetic import Aesthetic
     from curate.stages.basic_filter import BasicFilter
+    from curate.stages.clip_score import ClipScore
     from curate.stages.download import Download
+    from curate.stages.filter import ThresholdFilter
+    from curate.stages.nsfw import Nsfw
+    from curate.stages.watermark import Watermark
 
-    for cls in (BasicFilter, Download):
+    for cls in (BasicFilter, Download, ClipScore, Nsfw, Watermark, Aesthetic, ThresholdFilter):
         register(cls)
 
 

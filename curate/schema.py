@@ -34,6 +34,7 @@ class Column:
     type: pa.DataType
     writer: str
     doc: str
+    in_json: bool = True  # False for bulky columns (embeddings): kept in the parquet sidecar only
 
 
 COLUMNS: dict[str, Column] = {}

@@ -200,3 +200,32 @@ def register_test_stages() -> None:
 
 
 register_test_stages()
+
+
+# --- tiny models, saved and loaded through the real loading code -------------------------------------
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialised 1.6 M-parameter open_clip model saved as a hub-style folder
+    (``open_clip_config.json`` + ``open_clip_model.safetensors``), which loads with ``local-dir:<folder>``."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    config = {
+        "model_cfg": TINY_CLIP_CFG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -2,7 +2,8 @@
 
 shards/<id>.tar          <uid>.jpg|.png|.webp (if the row has an image), <uid>.json, <uid>.txt
                          for every kept row, in uid order, with fixed mtime and owner: byte-identical
-                         on every rerun and executor.
+                         on every rerun and executor. The json holds every column but the image and
+                         the bulky ones (embeddings), which stay in the parquet.
 shards/<id>.parquet      every row of the shard, kept or dropped, every column but the image bytes.
 shards/<id>_stats.json   counts per status and drop reason, per-stage seconds; written last, so its
                          presence means the shard is complete.
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.schema import canonical_order, is_kept, reason_bucket
+from curate.schema import COLUMNS, canonical_order, is_kept, reason_bucket
 from curate.storage import filesystem, write_atomic, write_json_atomic
 
 __all__ = ["ShardWriter", "image_extension", "shard_counts"]
@@ -102,7 +103,7 @@ class ShardWriter:
     def _tar(self, table: pa.Table) -> tuple[bytes, int]:
         kept = table.filter(is_kept(table))
         kept = kept.take(pc.sort_indices(kept, [("uid", "ascending")]))
-        meta_cols = [c for c in kept.column_names if c != "image"]
+        meta_cols = [c for c in kept.column_names if c != "image" and (c not in COLUMNS or COLUMNS[c].in_json)]
         images = kept["image"].to_pylist() if "image" in kept.column_names else [None] * kept.num_rows
         texts = kept[self.text_column].to_pylist()
         out = io.BytesIO()

