@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from curate.config import ConfigError, PipelineConfig, load_config
+from curate.models.weights import ModelNotFound
 from curate.reader import InputError
 
 app = typer.Typer(
@@ -156,6 +157,25 @@ def demo(
     )
     for what, n in sorted(truth["differ"].items()):
         out.print(f"  [yellow]{n:,} x {what}")
+    scores = truth.get("scores", {})
+    out.print(
+        f"scored rows: {scores.get('scored', 0):,} (clip_score by the demo CLIP: small, trained on this world only)"
+    )
+    for key, label in (
+        ("mismatched_caption", "mismatched captions removed by clip_score"),
+        ("text_overlay", "text overlays found by text_area"),
+    ):
+        if key in scores:
+            s = scores[key]
+            out.print(
+                f"{label} (threshold {s['threshold']:g}): precision {s['precision']:.3f}, recall {s['recall']:.3f} "
+                f"({s['correct']} of {s['flagged']} flagged, {s['actual']} planted)"
+            )
+    if "nsfw" in scores:
+        n = scores["nsfw"]
+        out.print(
+            f"nsfw_score >= {n['threshold']:g}: {n['flagged']} of {n['scored']} rows (the world has no NSFW images)"
+        )
     raise typer.Exit(summary.exit_code)
 
 
@@ -199,10 +219,106 @@ def status(
     out.print(summary_table(s.counts))
 
 
+@app.command()
+def preview(
+    output: Annotated[str, typer.Argument(help="The output folder of a run.")],
+    rules: Annotated[
+        list[str],
+        typer.Option(
+            "--rule", "-r", help="A rule such as 'clip_score >= 0.3'; replaces the run's rules on its column."
+        ),
+    ],
+    html: Annotated[
+        str | None, typer.Option(help="Where to write the HTML page (default OUTPUT/report/preview.html).")
+    ] = None,
+    per_side: Annotated[int, typer.Option(help="Images shown on each side of each threshold.")] = 24,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """What other thresholds would keep and drop, from the sidecars alone (no recompute), with an HTML page
+    of the images nearest each threshold."""
+    from curate.preview import preview_output, preview_table
+
+    report = preview_output(output, rules, html, per_side)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    out.print(preview_table(report))
+    for note in report.caveats:
+        out.print(f"[yellow]note:[/yellow] {note}")
+    if report.html:
+        out.print(f"images near the thresholds: {report.html}")
+
+
+models_app = typer.Typer(
+    help="Model weights: list what a pipeline needs, fetch it for air-gapped clusters, train the demo's CLIP.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(pipeline: PipelineArg, sets: SetOpt = None) -> None:
+    """The weights files a pipeline's stages load, where they come from, and whether they are here."""
+    from rich.table import Table
+
+    from curate.models.manage import status
+    from curate.models.weights import model_dir
+    from curate.pipeline import Pipeline
+
+    rows = status(Pipeline(_load(pipeline, sets)))
+    table = Table("stage", "model", "source", "local path", "here", title=f"model directory: {model_dir()}")
+    for r in rows:
+        table.add_row(
+            r.stage, r.spec.name, r.spec.source, str(r.path), "[green]yes" if r.present else "[red]no"
+        )
+    out.print(table if rows else "this pipeline loads no weights from the hub (bundled ones need nothing)")
+
+
+@models_app.command("fetch")
+def models_fetch(pipeline: PipelineArg, sets: SetOpt = None) -> None:
+    """Download every model a pipeline needs into the model directory (CURATE_MODEL_DIR); offline, list what
+    is missing and where to put it. Exit code 2 when something is still missing."""
+    from curate.models.manage import fetch_weights
+    from curate.models.weights import model_dir
+    from curate.pipeline import Pipeline
+
+    results = fetch_weights(Pipeline(_load(pipeline, sets)))
+    for r in results:
+        mark = "[green]ok[/green]" if r.present else "[red]missing[/red]"
+        out.print(f"{mark} {r.stage}: {r.spec.name} -> {r.path}")
+        if r.error:
+            out.print(f"    put {r.spec.source} there; {r.error}")
+    missing = [r for r in results if not r.present]
+    if missing:
+        err.print(
+            f"[red]{len(missing)} model(s) missing[/red] from {model_dir()}: run this where the hub is "
+            "reachable and copy the model directory here (CURATE_MODEL_DIR), or put each file at its path"
+        )
+        raise typer.Exit(2)
+    out.print(f"all {len(results)} model file(s) are in {model_dir()}" if results else "nothing to fetch")
+
+
+@models_app.command("train-demo-clip")
+def models_train_demo_clip(
+    output: Annotated[str, typer.Argument(help="Folder for the checkpoint (open_clip hub layout).")],
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the trainer's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the small open_clip model the demo scores with, on the sample world's drawn scenes (CPU, minutes)."""
+    from curate.demo.run import train_demo_clip
+
+    info = train_demo_clip(output, err, steps, seed)
+    out.print(
+        f"saved {output}: {info['steps']} steps in {info['seconds']:.0f}s; calibrated threshold "
+        f"{info['threshold']:.3f} (held-out precision {info['heldout_precision']:.3f}, "
+        f"recall {info['heldout_recall']:.3f}); load it with model: local-dir:{output}"
+    )
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns an Exit's code instead of raising it here
-    except (ConfigError, InputError) as e:
+    except (ConfigError, InputError, ModelNotFound) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:

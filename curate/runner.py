@@ -15,13 +15,14 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
 
 from curate.config import ConfigError, PipelineConfig, canonical_json
 from curate.executors import make_executor
+from curate.models.manage import check_weights
 from curate.pipeline import PhaseShards, Pipeline, ShardResult
 from curate.progress import RunProgress, stage_table, summary_table
 from curate.reader import InputReader, ShardSpec
@@ -30,7 +31,7 @@ from curate.storage import clean_temp, filesystem, read_json, write_json_atomic
 __all__ = ["RunSummary", "collect_output", "run_fingerprint", "run_pipeline"]
 
 # What curate owns inside an output folder; --overwrite removes these and nothing else.
-OWNED = ("run.json", "shards", "work", "global", "embeddings", "dedup", "index", "report")
+OWNED = ("run.json", "shards", "dropped", "work", "global", "embeddings", "dedup", "index", "report")
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _versions() -> dict[str, str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class OutputDir:
@@ -137,6 +138,7 @@ def run_pipeline(
     start = time.perf_counter()
     pipeline = Pipeline(config)
     pipeline.check()
+    check_weights(pipeline)  # a missing model fails now, not after hours of downloads
     specs = pipeline.reader.plan(config.shard_size)
     fingerprint = run_fingerprint(config, pipeline.reader, specs)
 

@@ -70,6 +70,12 @@ class Stage:
     def setup(self) -> None:
         """Load heavy state. Called once per worker before the first shard."""
 
+    def weights(self) -> list[Any]:
+        """The :class:`curate.models.weights.WeightsSpec` files ``setup()`` will resolve from the model
+        directory or the hub: checked before a run starts, and what ``curate models fetch`` downloads.
+        Weights given by an explicit path, or shipped inside a wheel, are not listed."""
+        return []
+
     def __call__(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
 

@@ -25,7 +25,9 @@ from curate.stage import Stage, StageResources
 EMBEDDING = pa.list_(pa.float16())
 for _c in [
     Column("clip_score", pa.float32(), "clip_score", "cosine of the CLIP image and caption embeddings"),
-    Column("clip_model", pa.string(), "clip_score", "the CLIP model that scored the row: architecture/weights"),
+    Column(
+        "clip_model", pa.string(), "clip_score", "the CLIP model that scored the row: architecture/weights"
+    ),
     Column("image_embedding", EMBEDDING, "clip_score", "L2-normalised CLIP image embedding", in_json=False),
     Column("text_embedding", EMBEDDING, "clip_score", "L2-normalised CLIP caption embedding", in_json=False),
 ]:

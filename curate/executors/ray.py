@@ -240,7 +240,10 @@ class RayExecutor:
                     on_result(result)
             pending = [by_id[r.shard] for r in failed]
 
-    def _actor_sizing(self, bound: BoundStage) -> dict[str, Any]:
+    def _actor_sizing(self, bound: BoundStage, pools: int = 1) -> dict[str, Any]:
+        """Actor pool size and per-actor resources. The ``pools`` actor pools of a phase share what is left
+        after one CPU for the read and write tasks: several model stages on a small node each get a
+        fraction of a CPU rather than together asking for more than there is, which never starts."""
         import ray
 
         res = bound.resources
@@ -253,7 +256,7 @@ class RayExecutor:
         else:
             # Leave a CPU for the read and write tasks: actors holding every CPU starve them and hang.
             concurrency = (1, max(1, int((total_cpus - 1) // max(res.cpus, 1e-3))))
-        cpus = min(res.cpus, max(total_cpus - 1, 0.5))
+        cpus = min(res.cpus, max(total_cpus - 1, 0.5) / max(pools, 1))
         return {"concurrency": concurrency, "num_cpus": cpus, "num_gpus": res.gpus or None}
 
     def _run_once(self, job: PhaseJob, specs: list[ShardSpec]) -> Iterator[ShardResult]:
@@ -265,11 +268,12 @@ class RayExecutor:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         common = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
         ds = ds.map_batches(_Load(job), num_cpus=1, **common)
-        for group in _groups(job.stages):
+        groups = _groups(job.stages)
+        pools = sum(1 for g in groups if g[0].resources.needs_actor and g[0].resources.gpus == 0)
+        for group in groups:
             if group[0].resources.needs_actor:
-                ds = ds.map_batches(
-                    _ApplyActor, fn_constructor_args=(job, group), **self._actor_sizing(group[0]), **common
-                )
+                sizing = self._actor_sizing(group[0], pools)
+                ds = ds.map_batches(_ApplyActor, fn_constructor_args=(job, group), **sizing, **common)
             else:
                 ds = ds.map_batches(
                     _Apply(job, group), num_cpus=max(b.resources.cpus for b in group), **common

@@ -96,7 +96,12 @@ class ClipModel:
 
     @classmethod
     def load(
-        cls, model: str, pretrained: str, device: str = "auto", precision: str = "auto", threads: int | None = None
+        cls,
+        model: str,
+        pretrained: str,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
     ) -> ClipModel:
         import open_clip
         import torch
@@ -104,7 +109,9 @@ class ClipModel:
         if threads:
             torch.set_num_threads(threads)
         dev = pick_device(device)
-        weights = model[len("local-dir:") :] if model.startswith("local-dir:") else resolve_clip(model, pretrained)
+        weights = (
+            model[len("local-dir:") :] if model.startswith("local-dir:") else resolve_clip(model, pretrained)
+        )
         if weights is not None and Path(weights).is_dir():
             if not (Path(weights) / "open_clip_config.json").exists():
                 raise ModelNotFound(f"{weights} is a folder without open_clip_config.json")
@@ -113,7 +120,11 @@ class ClipModel:
         else:
             # A tag's weights go in as a file, so the tag's own settings (QuickGELU for OpenAI's weights, the
             # normalisation and resize they were trained with) must go in with them.
-            tag = {} if weights is None or _is_path(pretrained) else open_clip.get_pretrained_cfg(model, pretrained)
+            tag = (
+                {}
+                if weights is None or _is_path(pretrained)
+                else open_clip.get_pretrained_cfg(model, pretrained)
+            )
             extra = {
                 "force_quick_gelu": bool(tag.get("quick_gelu", False)),
                 "image_mean": tag.get("mean"),

@@ -15,10 +15,13 @@ of this.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +64,9 @@ def model_dir() -> Path:
 
 
 def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CURATE_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CURATE_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def local_path(spec: WeightsSpec) -> Path:
@@ -82,7 +87,7 @@ def resolve(spec: WeightsSpec, explicit: str | os.PathLike | None = None, *, dow
         try:
             return fetch(spec)
         except Exception as e:  # any network or hub failure ends in the same advice
-            raise ModelNotFound(_missing(spec, f"the download failed: {type(e).__name__}: {e}")) from None
+            raise ModelNotFound(_missing(spec, f"the download failed: {e}")) from None
     why = "offline (CURATE_OFFLINE or HF_HUB_OFFLINE is set)" if is_offline() else "not downloaded"
     raise ModelNotFound(_missing(spec, why))
 
@@ -96,11 +101,31 @@ def _missing(spec: WeightsSpec, why: str) -> str:
     )
 
 
+def _host(spec: WeightsSpec) -> tuple[str, int]:
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co") if spec.hub_repo else (spec.url or "")
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@functools.lru_cache(maxsize=32)
+def _unreachable(host: str, port: int) -> str | None:
+    """Why ``host`` cannot be reached, or None. Asked once per process, with a short timeout: the hub
+    client's own retries take most of a minute to give up on a host that does not resolve."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        return f"{host}:{port} is unreachable ({e.strerror or e})"
+    return None
+
+
 def fetch(spec: WeightsSpec) -> Path:
     """Download ``spec`` into the model directory (atomically) and return its path."""
     target = local_path(spec)
     if target.exists():
         return target
+    why = _unreachable(*_host(spec))
+    if why:
+        raise ModelNotFound(why)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         if spec.hub_repo:
