@@ -1,9 +1,75 @@
-"""LAION aesthetic score (being written)."""
+"""Aesthetic score: LAION's improved aesthetic predictor (sac+logos+ava1, linear MSE), the rating behind
+LAION-Aesthetics, on OpenAI CLIP ViT-L/14 image embeddings. Ratings run roughly 1..10.
+
+Where the shard already holds an ``image_embedding`` from that same CLIP (``clip_model`` names it:
+``clip_score`` with ``model: ViT-L-14, pretrained: openai``), the head runs on it and no image is decoded;
+other rows are embedded here, by a CLIP loaded on first need.
+
+Writes ``aesthetic_score`` for every kept row with an image; other rows and images that do not decode get
+null. A score is data: this stage never drops a row; the ``filter`` stage does.
+"""
 
 from __future__ import annotations
 
-from curate.stage import Stage
+import numpy as np
+import pyarrow as pa
+from pydantic import model_validator
+
+from curate.imagebatch import scatter, set_column
+from curate.models.weights import WeightsSpec
+from curate.schema import Column, declare
+from curate.stage import Stage, StageResources
+from curate.stages.nsfw import (
+    ClipHeadConfig,
+    ClipHeadScorer,
+    check_default_head,
+    clip_head_weights,
+    require,
+)
+
+declare(
+    Column(
+        "aesthetic_score",
+        pa.float32(),
+        "aesthetic",
+        "LAION improved aesthetic predictor's rating of the image, roughly 1..10",
+    )
+)
+
+
+class AestheticConfig(ClipHeadConfig):
+    @model_validator(mode="after")
+    def _head_for_the_clip(self) -> AestheticConfig:
+        check_default_head(self, "AESTHETIC_HEADS", "aesthetic")
+        return self
 
 
 class Aesthetic(Stage):
     name = "aesthetic"
+    Config = AestheticConfig
+    reads = ("image", "status", "drop_reason")  # and image_embedding, clip_model where the shard has them
+    writes = ("aesthetic_score",)
+    resources = StageResources(cpus=1, uses_model=True)
+
+    config: AestheticConfig
+
+    def __init__(self, config: AestheticConfig | None = None):
+        super().__init__(config)
+        require("aesthetic", "torch", "open_clip", "safetensors")
+
+    def weights(self) -> list[WeightsSpec]:
+        from curate.models.heads import AESTHETIC_HEADS
+
+        return clip_head_weights(self.config, AESTHETIC_HEADS, "aesthetic")
+
+    def setup(self) -> None:
+        from curate.models.heads import AESTHETIC_HEADS, load_aesthetic_head
+
+        self.scorer = ClipHeadScorer.load(self.config, AESTHETIC_HEADS, load_aesthetic_head, "aesthetic")
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if not hasattr(self, "scorer"):
+            self.setup()
+        rows, scores = self.scorer.score(table)
+        values = scatter(table.num_rows, rows, np.asarray(scores, np.float32).tolist())
+        return set_column(table, "aesthetic_score", values)
