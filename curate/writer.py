@@ -5,6 +5,11 @@ shards/<id>.tar          <uid>.jpg|.png|.webp (if the row has an image), <uid>.j
                          on every rerun and executor. The json holds every column but the image and
                          the bulky ones (embeddings), which stay in the parquet.
 shards/<id>.parquet      every row of the shard, kept or dropped, every column but the image bytes.
+dropped/<id>.tar         for audit: <uid>.jpg (a thumbnail, longest side 128 px) and <uid>.json (uid,
+                         drop_reason) for every ok row with an image that a stage dropped, in uid order,
+                         byte-identical on every rerun like the main tar; written even when empty, so every
+                         finished shard has one. Kept out of shards/ so that globbing shards/*.tar (WebDataset,
+                         Ray Data's read_webdataset on the folder) never trains on dropped images.
 shards/<id>_stats.json   counts per status and drop reason, per-stage seconds; written last, so its
                          presence means the shard is complete.
 """
@@ -25,9 +30,11 @@ import pyarrow.parquet as pq
 from curate.schema import COLUMNS, canonical_order, is_kept, reason_bucket
 from curate.storage import filesystem, write_atomic, write_json_atomic
 
-__all__ = ["ShardWriter", "image_extension", "shard_counts"]
+__all__ = ["ShardWriter", "image_extension", "shard_counts", "thumbnail"]
 
 MTIME = 0  # fixed member mtime: a rerun writes the same bytes
+THUMBNAIL_SIDE = 128
+THUMBNAIL_QUALITY = 85
 
 
 def image_extension(data: bytes) -> str:
@@ -78,32 +85,48 @@ class ShardWriter:
     def paths(self, shard_id: str) -> dict[str, str]:
         _, root = filesystem(self.output_path)
         base = f"{root}/shards/{shard_id}"
-        return {"tar": f"{base}.tar", "parquet": f"{base}.parquet", "stats": f"{base}_stats.json"}
+        return {
+            "tar": f"{base}.tar",
+            "parquet": f"{base}.parquet",
+            "stats": f"{base}_stats.json",
+            "dropped": f"{root}/dropped/{shard_id}.tar",
+        }
 
     def write(self, shard_id: str, table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
-        """Write the shard's three files (stats last) and return the stats as written."""
+        """Write the shard's files (stats last) and return the stats as written."""
         fs, _ = filesystem(self.output_path)
         paths = self.paths(shard_id)
         fs.makedirs(paths["tar"].rsplit("/", 1)[0], exist_ok=True)
+        fs.makedirs(paths["dropped"].rsplit("/", 1)[0], exist_ok=True)
         # Schema metadata (pandas', an earlier phase's) would make the bytes depend on where a shard came from.
         table = table.select(canonical_order(table.column_names)).replace_schema_metadata(None)
 
         tar_bytes, samples = self._tar(table)
+        dropped_bytes, thumbnails = _dropped_tar(table)
         sidecar = table.drop_columns([c for c in ("image",) if c in table.column_names])
         buf = io.BytesIO()
         pq.write_table(sidecar, buf, compression="zstd")
         write_atomic(fs, paths["tar"], tar_bytes)
         write_atomic(fs, paths["parquet"], buf.getvalue())
+        write_atomic(fs, paths["dropped"], dropped_bytes)
 
         final = {"shard": shard_id, **shard_counts(table), **stats}
-        final["written"] = {"samples": samples, "tar_bytes": len(tar_bytes), "parquet_bytes": buf.tell()}
+        final["written"] = {
+            "samples": samples,
+            "tar_bytes": len(tar_bytes),
+            "parquet_bytes": buf.tell(),
+            "dropped_thumbnails": thumbnails,
+            "dropped_tar_bytes": len(dropped_bytes),
+        }
         write_json_atomic(fs, paths["stats"], final)
         return final
 
     def _tar(self, table: pa.Table) -> tuple[bytes, int]:
         kept = table.filter(is_kept(table))
         kept = kept.take(pc.sort_indices(kept, [("uid", "ascending")]))
-        meta_cols = [c for c in kept.column_names if c != "image" and (c not in COLUMNS or COLUMNS[c].in_json)]
+        meta_cols = [
+            c for c in kept.column_names if c != "image" and (c not in COLUMNS or COLUMNS[c].in_json)
+        ]
         images = kept["image"].to_pylist() if "image" in kept.column_names else [None] * kept.num_rows
         texts = kept[self.text_column].to_pylist()
         out = io.BytesIO()
@@ -121,6 +144,44 @@ class ShardWriter:
                 for name in sorted(members):
                     _add(tar, name, members[name])
         return out.getvalue(), kept.num_rows
+
+
+def thumbnail(data: bytes, side: int = THUMBNAIL_SIDE) -> bytes | None:
+    """A small RGB JPEG of encoded image bytes (longest side at most ``side``, never enlarged); None when
+    the bytes do not decode. Deterministic: the same bytes give the same thumbnail."""
+    from PIL import Image
+
+    from curate.imaging import to_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = to_rgb(img)  # a JPEG stays lazy here, so thumbnail() can decode it at a reduced scale
+            img.thumbnail((side, side))
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
+    return out.getvalue()
+
+
+def _dropped_tar(table: pa.Table) -> tuple[bytes, int]:
+    """The audit tar: a thumbnail and (uid, drop_reason) of every ok row with an image that was dropped."""
+    out = io.BytesIO()
+    written = 0
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        if "image" in table.column_names:
+            ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
+            hit = pc.and_(pc.and_(ok, pc.is_valid(table["drop_reason"])), pc.is_valid(table["image"]))
+            rows = table.select(["uid", "drop_reason", "image"]).filter(hit)
+            rows = rows.take(pc.sort_indices(rows, [("uid", "ascending")]))
+            for row in rows.to_pylist():
+                small = thumbnail(row["image"])
+                meta = {"uid": row["uid"], "drop_reason": row["drop_reason"]}
+                if small is not None:
+                    _add(tar, f"{row['uid']}.jpg", small)
+                    written += 1
+                _add(tar, f"{row['uid']}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+    return out.getvalue(), written
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
