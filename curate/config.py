@@ -65,6 +65,9 @@ class InputConfig(StrictModel):
 class OutputConfig(StrictModel):
     path: str = Field(description="output folder; local or any fsspec URL")
     text_column: str = Field("caption", description="the column written as <uid>.txt, the training caption")
+    dropped_thumbnails: bool = Field(
+        True, description="keep 128 px thumbnails of dropped rows in dropped/<id>.tar, for audit and preview"
+    )
 
 
 class ExecutorConfig(StrictModel):
@@ -128,7 +131,8 @@ class PipelineConfig(StrictModel):
     def output_relevant(self) -> dict[str, Any]:
         return {
             "input": self.input.model_dump(mode="json"),
-            "output": {"text_column": self.output.text_column},
+            "output": {"text_column": self.output.text_column}
+            | ({} if self.output.dropped_thumbnails else {"dropped_thumbnails": False}),
             "shard_size": self.shard_size,
             "stages": [{"stage": s.stage, "name": s.name, **s.params()} for s in self.stages],
         }

@@ -61,7 +61,9 @@ class Pipeline:
             )
             for spec in config.stages
         ]
-        self.writer = ShardWriter(config.output.path, config.output.text_column)
+        self.writer = ShardWriter(
+            config.output.path, config.output.text_column, config.output.dropped_thumbnails
+        )
         _, self.root = filesystem(config.output.path)
         for bound in self.stages:
             if isinstance(bound.stage, GlobalStage):

@@ -78,9 +78,10 @@ def _json_value(v: Any) -> Any:
 
 
 class ShardWriter:
-    def __init__(self, output_path: str, text_column: str = "caption"):
+    def __init__(self, output_path: str, text_column: str = "caption", dropped_thumbnails: bool = True):
         self.output_path = output_path
         self.text_column = text_column
+        self.dropped_thumbnails = dropped_thumbnails
 
     def paths(self, shard_id: str) -> dict[str, str]:
         _, root = filesystem(self.output_path)
@@ -97,18 +98,20 @@ class ShardWriter:
         fs, _ = filesystem(self.output_path)
         paths = self.paths(shard_id)
         fs.makedirs(paths["tar"].rsplit("/", 1)[0], exist_ok=True)
-        fs.makedirs(paths["dropped"].rsplit("/", 1)[0], exist_ok=True)
+        if self.dropped_thumbnails:
+            fs.makedirs(paths["dropped"].rsplit("/", 1)[0], exist_ok=True)
         # Schema metadata (pandas', an earlier phase's) would make the bytes depend on where a shard came from.
         table = table.select(canonical_order(table.column_names)).replace_schema_metadata(None)
 
         tar_bytes, samples = self._tar(table)
-        dropped_bytes, thumbnails = _dropped_tar(table)
+        dropped_bytes, thumbnails = _dropped_tar(table) if self.dropped_thumbnails else (b"", 0)
         sidecar = table.drop_columns([c for c in ("image",) if c in table.column_names])
         buf = io.BytesIO()
         pq.write_table(sidecar, buf, compression="zstd")
         write_atomic(fs, paths["tar"], tar_bytes)
         write_atomic(fs, paths["parquet"], buf.getvalue())
-        write_atomic(fs, paths["dropped"], dropped_bytes)
+        if self.dropped_thumbnails:
+            write_atomic(fs, paths["dropped"], dropped_bytes)
 
         final = {"shard": shard_id, **shard_counts(table), **stats}
         final["written"] = {

@@ -103,3 +103,17 @@ def test_image_extension_from_magic_bytes():
     assert image_extension(buf.getvalue()) == "webp"
     assert image_extension(png("red")) == "png"
     assert image_extension(b"nonsense") == "bin"
+
+
+def test_dropped_thumbnails_are_the_dropped_rows_and_can_be_switched_off(tmp_path):
+    stats = ShardWriter(str(tmp_path / "on")).write("00000", table(), {})
+    with tarfile.open(tmp_path / "on" / "dropped" / "00000.tar") as tar:
+        assert tar.getnames() == ["d" * 32 + ".jpg", "d" * 32 + ".json"]
+        assert json.loads(tar.extractfile("d" * 32 + ".json").read())["drop_reason"] == "caption_length<9"
+    assert stats["written"]["dropped_thumbnails"] == 1
+
+    stats = ShardWriter(str(tmp_path / "off"), dropped_thumbnails=False).write("00000", table(), {})
+    assert not (tmp_path / "off" / "dropped").exists()
+    assert stats["written"]["dropped_thumbnails"] == 0
+    on, off = (tmp_path / d / "shards" / "00000.tar" for d in ("on", "off"))
+    assert on.read_bytes() == off.read_bytes()
