@@ -145,11 +145,17 @@ def demo(
     output: Annotated[str, typer.Option(help="Where the world and the run go.")] = "demo-output",
     size: Annotated[int, typer.Option(help="Rows in the generated world.")] = 2000,
     executor: Annotated[str | None, typer.Option(help="local or ray (default: the demo pipeline's).")] = None,
+    clip: Annotated[
+        str | None,
+        typer.Option(
+            help="A CLIP folder (open_clip hub layout + curate_calibration.json) to use instead of training one."
+        ),
+    ] = None,
 ) -> None:
     """Build the offline sample world, serve it on 127.0.0.1 and run pipelines/demo.yaml against it."""
     from curate.demo.run import run_demo
 
-    summary, truth = run_demo(output, size, executor, err)
+    summary, truth = run_demo(output, size, executor, err, clip=clip)
     out.print(f"shards: {output}/run/shards  (WebDataset tars, parquet sidecars, stats)")
     out.print(f"summary: curate status {output}/run   ground truth: {output}/world/truth.parquet")
     out.print(

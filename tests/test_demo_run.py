@@ -1,12 +1,26 @@
-"""`curate demo` end to end: a small world, served, curated, and checked against its ground truth."""
+"""`curate demo` end to end: a small world, served, scored, filtered, and checked against its ground truth.
+
+The demo's own CLIP takes minutes to train (tests/test_tiny_clip.py trains it briefly); here a tiny random
+CLIP stands in through ``--clip``, so the scores are real model outputs but their quality is not tested.
+"""
 
 import json
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
+
+from curate.testing import make_tiny_clip
 
 
-def test_demo_matches_its_ground_truth(tmp_path, cli):
-    r = cli("demo", "--output", tmp_path / "demo", "--size", 150)
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_demo_matches_its_ground_truth(tmp_path, cli, executor, request):
+    """Under Ray, three model stages run as three actor pools on the 2-CPU test cluster."""
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    clip = make_tiny_clip(tmp_path / "clip")
+    (clip / "curate_calibration.json").write_text(json.dumps({"threshold": 0.05}))
+    r = cli("demo", "--output", tmp_path / "demo", "--size", 150, "--clip", clip, "--executor", executor)
     assert r.code == 0, r
     line = next(x for x in r.out.splitlines() if x.startswith("download statuses match"))
     agree, checked = line.split(" for ")[1].split(" ")[0].split("/")
@@ -15,3 +29,14 @@ def test_demo_matches_its_ground_truth(tmp_path, cli):
     info = json.loads((tmp_path / "demo/run/run.json").read_text())
     assert info["counts"]["rows"] == truth.num_rows and info["status"] == "finished"
     assert info["counts"]["status"]["http_404"] == truth["expected_status"].to_pylist().count("http_404")
+
+    # Every downloaded row was scored, and the filter's reasons add up with the funnel.
+    side = pq.read_table(tmp_path / "demo/run/shards/00000.parquet")
+    fetched = side.filter(pc.and_(pc.equal(side["status"], "ok"), pc.is_valid(side["mime"])))
+    assert fetched.num_rows > 100
+    for column in ("clip_score", "nsfw_score", "text_area", "ai_watermark"):
+        assert fetched[column].null_count == 0, column
+    reasons = info["counts"]["drop_reason"]
+    assert info["counts"]["kept"] == info["counts"]["ok"] - sum(reasons.values())
+    assert "mismatched captions removed by clip_score (threshold 0.05)" in r.out
+    assert "text overlays found by text_area (threshold 0.15)" in r.out
