@@ -284,7 +284,8 @@ def preview_table(report: PreviewReport) -> Table:
     add("would keep", report.would_keep, "bold green")
     add("would drop", n - report.would_keep, "yellow")
     for reason, k in report.would_drop.items():
-        add(f"  {reason}", k, "yellow")
+        if k:  # every reason stays in --json; the table shows those that drop something
+            add(f"  {reason}", k, "yellow")
     add("newly dropped", report.newly_dropped, "red")
     add("newly kept", report.newly_kept, "green")
     return table
@@ -335,7 +336,7 @@ def _html(
         ("kept now", report.kept_now),
         ("would keep", report.would_keep),
         ("would drop", report.considered - report.would_keep),
-        *((f"&nbsp;&nbsp;{e(r)}", k) for r, k in report.would_drop.items()),
+        *((f"&nbsp;&nbsp;{e(r)}", k) for r, k in report.would_drop.items() if k),
         ("newly dropped", report.newly_dropped),
         ("newly kept", report.newly_kept),
     ]
