@@ -78,7 +78,7 @@ def retry_output(
             continue
         start = time.perf_counter()
         has_images = any("image" in b.stage.writes for b in pipeline.stages)
-        table = _with_images(sidecar, fs, paths["tar"]) if has_images else sidecar
+        table = _with_images(sidecar, fs, [paths["tar"], paths["dropped"]]) if has_images else sidecar
         fresh = _as_input(table.take(picked))
         timings: dict[str, Any] = {}
         redone = job.apply(pipeline.stages, fresh, timings)
@@ -120,14 +120,19 @@ def retry_output(
     return summary
 
 
-def _with_images(sidecar: pa.Table, fs: Any, tar_path: str) -> pa.Table:
-    """The sidecar with its ``image`` column back, from the tar (kept rows only carry one)."""
+def _with_images(sidecar: pa.Table, fs: Any, tar_paths: list[str]) -> pa.Table:
+    """The sidecar with its ``image`` column back: kept rows' images from the shard's tar, and dropped rows'
+    thumbnails from its dropped/ audit tar, so that rewriting the shard keeps them (a thumbnail of a
+    thumbnail is the same picture)."""
     images: dict[str, bytes] = {}
-    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
-        for member in tar:
-            uid, dot, ext = member.name.partition(".")
-            if dot and f".{ext}" in _IMAGE_EXTENSIONS:
-                images[uid] = tar.extractfile(member).read()
+    for tar_path in tar_paths:
+        if not fs.exists(tar_path):  # no audit tar when output.dropped_thumbnails is off
+            continue
+        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
+            for member in tar:
+                uid, dot, ext = member.name.partition(".")
+                if dot and f".{ext}" in _IMAGE_EXTENSIONS:
+                    images[uid] = tar.extractfile(member).read()
     column = pa.array([images.get(u) for u in sidecar["uid"].to_pylist()], pa.binary())
     return sidecar.append_column("image", column)
 

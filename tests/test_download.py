@@ -4,6 +4,7 @@ that never reach a canary listener, a whole pipeline run, and `curate retry`."""
 import io
 import json
 import socket
+import tarfile
 import threading
 import time
 
@@ -226,7 +227,7 @@ def test_allow_private_is_host_and_port_exact(server, canary):
         DownloadConfig(allow_private=["127.0.0.1"])
 
 
-def world_pipeline(tmp_path, server, paths, **download):
+def world_pipeline(tmp_path, server, paths, after=(), **download):
     n = len(paths)
     captions = [f"a test picture number {i}" for i in range(n)]
     pa_table = pa.table({"url": [server.url + p for p in paths], "caption": captions})
@@ -236,7 +237,7 @@ def world_pipeline(tmp_path, server, paths, **download):
         tmp_path / "p.yaml",
         tmp_path / "in.parquet",
         tmp_path / "out",
-        [stage],
+        [stage, *after],
         shard_size=10,
         input={"url_col": "url", "caption_col": "caption"},
     )
@@ -290,6 +291,30 @@ def test_retry_refetches_only_transient_failures(tmp_path, server, cli):
     info = json.loads((tmp_path / "out/run.json").read_text())
     assert info["counts"]["ok"] == 19 and len(info["retries"]) == 2
     assert cli("retry", tmp_path / "out", "--status", "http_404").out.startswith("retried 1 row(s)")
+
+
+def test_retry_keeps_the_thumbnails_of_rows_dropped_before(tmp_path, server, cli):
+    paths = ["/ok.jpg"] * 3 + ["/flaky/r3/1"] + ["/ok.jpg"] * 6
+    drop_late_rows = {"stage": "filter", "rules": ["input_index < 7"]}
+    p = world_pipeline(tmp_path, server, paths, retries=0, after=[drop_late_rows])
+    assert cli("run", p, "-q").code == 0
+    audit = tmp_path / "out/dropped/00000.tar"
+    before = audit.read_bytes()
+    with tarfile.open(audit) as tar:
+        assert len([n for n in tar.getnames() if n.endswith(".jpg")]) == 3  # rows 7, 8 and 9
+
+    r = cli("retry", tmp_path / "out")
+    assert r.code == 0 and "1 recovered" in r.out, r
+    with tarfile.open(audit) as tar:
+        names = tar.getnames()
+        assert len([n for n in names if n.endswith(".jpg")]) == 3
+        for name in names:
+            if name.endswith(".jpg"):
+                with Image.open(io.BytesIO(tar.extractfile(name).read())) as img:
+                    assert max(img.size) <= 128
+    stats = json.loads((tmp_path / "out/shards/00000_stats.json").read_text())
+    assert stats["status"] == {"ok": 10} and stats["drop_reason"] == {"input_index>=7": 3}
+    assert stats["written"]["dropped_thumbnails"] == 3 and len(before) > 0
 
 
 def test_ray_and_local_download_the_same_bytes(tmp_path, server, ray_cluster):
