@@ -74,16 +74,24 @@ def run(
 
 @app.command()
 def validate(pipeline: PipelineArg, sets: SetOpt = None) -> None:
-    """Check a pipeline without running it: config, stage parameters, column flow, input files."""
+    """Check a pipeline without running it: config, stage parameters, column flow, input files, and whether
+    every model is here or can be downloaded (nothing is downloaded)."""
+    from curate.models.manage import plan_weights, raise_missing
     from curate.pipeline import Pipeline
 
     config = _load(pipeline, sets)
     p = Pipeline(config)
     p.check()
     specs = p.reader.plan(config.shard_size)
+    models = plan_weights(p)
+    raise_missing([m for m in models if not m.present and m.error])
+    later = [m for m in models if not m.present]
+    for m in later:
+        out.print(f"  {m.stage}: {m.spec.name} is not in the model directory; the run will download it")
     out.print(
         f"[green]ok[/green]: {config.name}: {len(config.stages)} stage(s), {len(p.reader.files)} input file(s), "
-        f"{sum(s.rows for s in specs):,} rows in {len(specs)} shard(s)"
+        f"{sum(s.rows for s in specs):,} rows in {len(specs)} shard(s), {len(models)} model(s) "
+        f"({len(models) - len(later)} here)"
     )
 
 

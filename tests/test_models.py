@@ -124,3 +124,16 @@ def test_models_fetch_with_weights_present(cli, model_dir, tmp_path):
     r = cli("models", "fetch", _clip_pipeline(tmp_path))
     assert r.code == 0, r
     assert "all 1 model file(s)" in r.out
+
+
+def test_validate_checks_models_without_downloading(cli, model_dir, tmp_path, monkeypatch):
+    pipeline = _clip_pipeline(tmp_path)
+    monkeypatch.setenv("CURATE_OFFLINE", "1")
+    r = cli("validate", pipeline)
+    assert r.code == 2 and "curate models fetch" in r.err, r
+    where = model_dir / "open_clip" / "ViT-B-32" / "laion2b_s34b_b79k" / "open_clip_model.safetensors"
+    where.parent.mkdir(parents=True)
+    where.write_bytes(b"stand-in: validate only checks presence")
+    r = cli("validate", pipeline)
+    assert r.code == 0 and "1 model(s) (1 here)" in r.out, r
+    assert sorted(p.name for p in where.parent.iterdir()) == [where.name]  # nothing was downloaded

@@ -5,9 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.models.weights import ModelNotFound, WeightsSpec, fetch, is_offline, local_path, model_dir
+from curate.models.weights import (
+    ModelNotFound,
+    WeightsSpec,
+    fetch,
+    is_offline,
+    local_path,
+    model_dir,
+    source_host,
+    unreachable,
+)
 
-__all__ = ["WeightsStatus", "check_weights", "fetch_weights", "pipeline_weights"]
+__all__ = [
+    "WeightsStatus",
+    "check_weights",
+    "fetch_weights",
+    "pipeline_weights",
+    "plan_weights",
+    "raise_missing",
+]
 
 
 @dataclass
@@ -49,6 +65,20 @@ def status(pipeline) -> list[WeightsStatus]:
     return out
 
 
+def plan_weights(pipeline) -> list[WeightsStatus]:
+    """Like :func:`status`, without downloading: a missing model's ``error`` says why it cannot be fetched
+    from here (offline, host unreachable); None means the run will download it."""
+    out = []
+    for entry in status(pipeline):
+        if not entry.present:
+            if is_offline():
+                entry.error = "offline: CURATE_OFFLINE or HF_HUB_OFFLINE is set"
+            else:
+                entry.error = unreachable(*source_host(entry.spec))
+        out.append(entry)
+    return out
+
+
 def fetch_weights(pipeline) -> list[WeightsStatus]:
     """Download every missing file into the model directory; one entry per model, with its error if any."""
     out = []
@@ -79,7 +109,10 @@ def check_weights(pipeline) -> None:
     Downloads what is missing (so a run never stops halfway for a file it could not get) and raises
     :class:`ModelNotFound` naming every model that is still missing and where to put it.
     """
-    missing = [s for s in fetch_weights(pipeline) if not s.present]
+    raise_missing([s for s in fetch_weights(pipeline) if not s.present])
+
+
+def raise_missing(missing: list[WeightsStatus]) -> None:
     if missing:
         lines = [f"  {s.stage}: {s.spec.name}: put {s.spec.source} at {s.path} ({s.error})" for s in missing]
         raise ModelNotFound(

@@ -34,6 +34,8 @@ __all__ = [
     "local_path",
     "model_dir",
     "resolve",
+    "source_host",
+    "unreachable",
 ]
 
 
@@ -101,14 +103,14 @@ def _missing(spec: WeightsSpec, why: str) -> str:
     )
 
 
-def _host(spec: WeightsSpec) -> tuple[str, int]:
+def source_host(spec: WeightsSpec) -> tuple[str, int]:
     url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co") if spec.hub_repo else (spec.url or "")
     parts = urllib.parse.urlsplit(url)
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 @functools.lru_cache(maxsize=32)
-def _unreachable(host: str, port: int) -> str | None:
+def unreachable(host: str, port: int) -> str | None:
     """Why ``host`` cannot be reached, or None. Asked once per process, with a short timeout: the hub
     client's own retries take most of a minute to give up on a host that does not resolve."""
     try:
@@ -123,7 +125,7 @@ def fetch(spec: WeightsSpec) -> Path:
     target = local_path(spec)
     if target.exists():
         return target
-    why = _unreachable(*_host(spec))
+    why = unreachable(*source_host(spec))
     if why:
         raise ModelNotFound(why)
     target.parent.mkdir(parents=True, exist_ok=True)
