@@ -15,17 +15,17 @@ import numpy as np
 import pyarrow as pa
 from pydantic import model_validator
 
-from curate.imagebatch import scatter, set_column
-from curate.models.weights import WeightsSpec
-from curate.schema import Column, declare
-from curate.stage import Stage, StageResources
-from curate.stages.nsfw import (
+from curate.cliphead import (
     ClipHeadConfig,
     ClipHeadScorer,
     check_default_head,
     clip_head_weights,
     require,
 )
+from curate.imagebatch import scatter, set_column
+from curate.models.weights import WeightsSpec
+from curate.schema import Column, declare
+from curate.stage import Stage, StageResources
 
 declare(
     Column(

@@ -14,21 +14,17 @@ not decode get null. A score is data: this stage never drops a row; the ``filter
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from curate.config import StrictModel
-from curate.imagebatch import decode_rgb, iter_batches, rows_to_score, scatter, set_column
-from curate.models.device import Device, Precision
-from curate.models.weights import WeightsSpec, resolve
+from curate.cliphead import ClipHeadConfig, ClipHeadScorer, check_default_head, clip_head_weights, require
+from curate.imagebatch import iter_batches, rows_to_score, scatter, set_column
+from curate.models.weights import WeightsSpec
 from curate.schema import Column, declare
 from curate.stage import Stage, StageResources
 
@@ -44,177 +40,6 @@ for _c in [
     ),
 ]:
     declare(_c)
-
-
-# --- a LAION head on CLIP image embeddings: shared with the aesthetic stage ------------------------------
-
-
-class ClipHeadConfig(StrictModel):
-    """Settings of a stage that runs a LAION head on CLIP image embeddings."""
-
-    head: str | None = Field(
-        None, description="the head's weights file (.pth, .safetensors); default: LAION's head for the CLIP"
-    )
-    clip_model: str = Field("ViT-L-14", description="the CLIP the head takes embeddings of")
-    clip_pretrained: str = Field("openai", description="its open_clip pretrained tag, file or folder")
-    batch_size: int = Field(64, gt=0)
-    device: Device = "auto"
-    precision: Precision = Field("auto", description="of the CLIP: bf16 (fp16) on a GPU, fp32 on a CPU")
-    decode_threads: int | None = Field(None, gt=0, description="CPU threads decoding images (default: cores)")
-    torch_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
-
-
-def require(what: str, *modules: str) -> None:
-    """Fail when the stage is built, not on its first shard, where an optional dependency is missing."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ModuleNotFoundError(f"{what} needs {', '.join(missing)}: pip install 'curate[score]'")
-
-
-def check_default_head(c: ClipHeadConfig, table: str, what: str) -> None:
-    """Config check: without ``head``, LAION must publish one for the configured CLIP."""
-    if c.head is not None:
-        return
-    try:
-        from curate.models import heads
-    except ModuleNotFoundError:  # no torch: building the stage says which extra to install
-        return
-    default_head(getattr(heads, table), c.clip_model, c.clip_pretrained, what)
-
-
-def default_head(heads: dict, clip_model: str, clip_pretrained: str, what: str):
-    """The published head for this CLIP, from ``heads`` (``NSFW_HEADS``, ``AESTHETIC_HEADS``)."""
-    from curate.models.clip import clip_label
-
-    label = clip_label(clip_model, clip_pretrained)
-    if label not in heads:
-        raise ValueError(
-            f"LAION publishes no {what} head for the CLIP {label!r} (only for {', '.join(heads)}); "
-            "give the weights of one trained on its embeddings as `head`, or choose one of those CLIPs"
-        )
-    return heads[label]
-
-
-def clip_head_weights(c: ClipHeadConfig, heads: dict, what: str) -> list[WeightsSpec]:
-    from curate.models.clip import clip_weights
-
-    specs = [] if c.head else [default_head(heads, c.clip_model, c.clip_pretrained, what).spec]
-    # The CLIP is listed even though shards that carry its embeddings never load it: a run must not stop
-    # halfway on the first shard without them.
-    return specs + clip_weights(c.clip_model, c.clip_pretrained)
-
-
-class ClipHeadScorer:
-    """Runs a head on the image embeddings of one CLIP, a shard at a time.
-
-    Rows whose ``clip_model`` is this CLIP's label take the shard's ``image_embedding``; the others are
-    decoded and embedded by the CLIP, loaded the first time a row needs it. Embeddings computed here are
-    rounded through float16, as ``image_embedding`` is stored, so a row's score does not depend on which
-    stage embedded it; every embedding is L2-normalised again before the head.
-    """
-
-    def __init__(self, head, c: ClipHeadConfig):
-        from curate.models.clip import clip_label
-
-        self.head = head
-        self.config = c
-        self.label = clip_label(c.clip_model, c.clip_pretrained)
-        self._clip = None
-
-    @classmethod
-    def load(cls, c: ClipHeadConfig, heads: dict, load_head: Callable, what: str) -> ClipHeadScorer:
-        """Resolve and load the head (the given file, else LAION's for the CLIP); the CLIP waits for a row."""
-        import torch
-
-        if c.torch_threads:
-            torch.set_num_threads(c.torch_threads)
-        spec = None if c.head else default_head(heads, c.clip_model, c.clip_pretrained, what).spec
-        path = resolve(spec or WeightsSpec(f"{what} head", ""), c.head)
-        return cls(load_head(path, c.device), c)
-
-    @property
-    def clip(self):
-        if self._clip is None:
-            from curate.models.clip import ClipModel
-
-            c = self.config
-            clip = ClipModel.load(c.clip_model, c.clip_pretrained, c.device, c.precision, c.torch_threads)
-            if clip.dim != self.head.input_dim:
-                raise ValueError(
-                    f"the CLIP {clip.name} makes {clip.dim}-d embeddings; the head {self.head.name} takes "
-                    f"{self.head.input_dim}-d"
-                )
-            self._clip = clip
-        return self._clip
-
-    @property
-    def clip_loaded(self) -> bool:
-        return self._clip is not None
-
-    def score(self, table: pa.Table) -> tuple[list[int], np.ndarray]:
-        """(rows, scores): the kept rows with an image that has an embedding, and the head's scores."""
-        rows = rows_to_score(table)
-        reuse = self._reusable(table, rows)
-        taken = set(reuse)
-        todo = [r for r in rows if r not in taken]
-        parts, scored = [], list(reuse)
-        if reuse:
-            parts.append(self._stored(table, reuse))
-        # Rows whose image does not decode (clip_score left them without an embedding) never load the CLIP.
-        if todo and (self.clip_loaded or _any_decodes(table, todo)):
-            got, emb = self._compute(table, todo)
-            scored += got
-            parts.append(emb)
-        if not scored:
-            return [], np.zeros(0, np.float32)
-        emb = np.concatenate(parts)
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        return scored, self.head.score(emb)
-
-    def _reusable(self, table: pa.Table, rows: list[int]) -> list[int]:
-        if not rows or "image_embedding" not in table.column_names or "clip_model" not in table.column_names:
-            return []
-        match = pc.and_(
-            pc.fill_null(pc.equal(table["clip_model"], self.label), False),
-            pc.is_valid(table["image_embedding"]),
-        )
-        mask = match.to_numpy(zero_copy_only=False)
-        return [r for r in rows if mask[r]]
-
-    def _stored(self, table: pa.Table, rows: list[int]) -> np.ndarray:
-        col = table["image_embedding"].take(rows).combine_chunks()
-        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-        if (lengths != self.head.input_dim).any():
-            i = int(np.flatnonzero(lengths != self.head.input_dim)[0])
-            raise ValueError(
-                f"row {rows[i]}: its image_embedding from {self.label} has {lengths[i]} values; the head "
-                f"{self.head.name} takes {self.head.input_dim}: is clip_model right?"
-            )
-        values = col.flatten().to_numpy(zero_copy_only=False)
-        return values.astype(np.float32).reshape(len(rows), self.head.input_dim)
-
-    def _compute(self, table: pa.Table, rows: list[int]) -> tuple[list[int], np.ndarray]:
-        c, clip = self.config, self.clip
-        threads = c.decode_threads or os.cpu_count() or 1
-        scored, parts = [], []
-        for batch_rows, tensors in iter_batches(table, rows, clip.preprocess, c.batch_size, threads):
-            ok = [(r, t) for r, t in zip(batch_rows, tensors, strict=True) if t is not None]
-            if ok:
-                scored += [r for r, _ in ok]
-                parts.append(clip.encode_images([t for _, t in ok]))
-        if not parts:
-            return [], np.zeros((0, self.head.input_dim), np.float32)
-        return scored, np.concatenate(parts).astype(np.float16).astype(np.float32)
-
-
-def _any_decodes(table: pa.Table, rows: list[int]) -> bool:
-    for r in rows:
-        try:
-            decode_rgb(table["image"][r].as_py())
-            return True
-        except Exception:
-            continue
-    return False
 
 
 # --- the stage ---------------------------------------------------------------------------------------

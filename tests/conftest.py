@@ -69,6 +69,23 @@ def cli(capsys, monkeypatch):
     return call
 
 
+def score_shard(images: list, status=None, drop=None, **extra):
+    """A shard as a scoring stage sees it: uid, caption, status, drop_reason and image bytes per row."""
+    import pyarrow as pa
+
+    n = len(images)
+    return pa.table(
+        {
+            "uid": [f"u{i}" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+            "status": status or ["ok"] * n,
+            "drop_reason": drop or [None] * n,
+            "image": pa.array(images, pa.binary()),
+            **extra,
+        }
+    )
+
+
 def sidecars(output: Path):
     """All sidecar parquets of an output, concatenated in shard order."""
     import pyarrow as pa

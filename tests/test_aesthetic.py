@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import score_shard
 from PIL import Image
 from pydantic import ValidationError
 
@@ -33,24 +34,10 @@ def _image(i: int) -> bytes:
     return buf.getvalue()
 
 
-def _shard(images, status=None, drop=None, **extra) -> pa.Table:
-    n = len(images)
-    return pa.table(
-        {
-            "uid": [f"u{i}" for i in range(n)],
-            "caption": [f"caption {i}" for i in range(n)],
-            "status": status or ["ok"] * n,
-            "drop_reason": drop or [None] * n,
-            "image": pa.array(images, pa.binary()),
-            **extra,
-        }
-    )
-
-
 def _mixed_shard() -> pa.Table:
     """Rows 0..4 scoreable; 5 timed out; 6 dropped earlier; 7 bytes that do not decode."""
     good = [_image(i) for i in range(N_GOOD)]
-    return _shard(
+    return score_shard(
         [*good, None, good[1], b"GIF89a broken"],
         status=["ok"] * N_GOOD + ["timeout", "ok", "ok"],
         drop=[None] * (N_GOOD + 1) + ["nsfw", None],
@@ -147,16 +134,16 @@ def test_reuses_embeddings_of_its_clip_only(tiny_clip, tiny_head):
     images = [_image(i) for i in range(n)]
 
     stage = _stage(tiny_clip, pth)
-    out = stage(_shard(images, clip_model=pa.array([own] * n), image_embedding=emb))
+    out = stage(score_shard(images, clip_model=pa.array([own] * n), image_embedding=emb))
     assert not stage.scorer.clip_loaded
     want = _by_hand(state, _unit(planted.astype(np.float32)))
     np.testing.assert_allclose(out["aesthetic_score"].to_numpy(), want, rtol=1e-5, atol=1e-5)
 
     # Embeddings of another CLIP are not this head's input: the rows are embedded again.
     stage = _stage(tiny_clip, pth)
-    out = stage(_shard(images, clip_model=pa.array(["ViT-L-14/openai"] * n), image_embedding=emb))
+    out = stage(score_shard(images, clip_model=pa.array(["ViT-L-14/openai"] * n), image_embedding=emb))
     assert stage.scorer.clip_loaded
-    fresh = _stage(tiny_clip, pth)(_shard(images))["aesthetic_score"].to_numpy()
+    fresh = _stage(tiny_clip, pth)(score_shard(images))["aesthetic_score"].to_numpy()
     np.testing.assert_allclose(out["aesthetic_score"].to_numpy(), fresh, rtol=1e-6)
     assert not np.allclose(fresh, want)
 

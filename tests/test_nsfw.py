@@ -10,6 +10,7 @@ import shlex
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import score_shard
 from PIL import Image
 from pydantic import ValidationError
 
@@ -44,24 +45,10 @@ def _image(i: int) -> bytes:
     return buf.getvalue()
 
 
-def _shard(images: list[bytes | None], status=None, drop=None, **extra) -> pa.Table:
-    n = len(images)
-    return pa.table(
-        {
-            "uid": [f"u{i}" for i in range(n)],
-            "caption": [f"caption {i}" for i in range(n)],
-            "status": status or ["ok"] * n,
-            "drop_reason": drop or [None] * n,
-            "image": pa.array(images, pa.binary()),
-            **extra,
-        }
-    )
-
-
 def _mixed_shard() -> pa.Table:
     """Rows 0..5 scoreable; 6 not downloaded; 7 dropped earlier; 8 bytes that do not decode."""
     good = [_image(i) for i in range(N_GOOD)]
-    return _shard(
+    return score_shard(
         [*good, None, good[0], b"\xff\xd8 not a jpeg"],
         status=["ok"] * N_GOOD + ["http_404", "ok", "ok"],
         drop=[None] * (N_GOOD + 1) + ["caption_length<3", None],
@@ -254,7 +241,7 @@ def test_laion_clip_reuses_embeddings_of_its_clip_and_embeds_the_rest(tiny_clip,
     images = [_image(i) for i in range(n)]
 
     # Every row carries an embedding of this CLIP: the CLIP is never loaded, the head sees the stored values.
-    table = _shard(
+    table = score_shard(
         images,
         clip_model=pa.array([own] * n),
         image_embedding=_embedding_column(dict(enumerate(planted)), n),
@@ -268,7 +255,7 @@ def test_laion_clip_reuses_embeddings_of_its_clip_and_embeds_the_rest(tiny_clip,
 
     # Rows 0-1 by another CLIP, row 2 without an embedding: those three are embedded here; 3-5 reused.
     labels = ["ViT-L-14/openai", "ViT-B-32/openai", own, own, own, own]
-    table = _shard(
+    table = score_shard(
         images,
         clip_model=pa.array(labels),
         image_embedding=_embedding_column({r: planted[r] for r in (0, 1, 3, 4, 5)}, n),
@@ -328,7 +315,7 @@ def test_offline_without_the_head_names_curate_models_fetch(tmp_path, monkeypatc
 
 def test_an_embedding_of_the_wrong_size_fails_the_shard(tiny_clip, tiny_head):
     own = f"local-dir/{tiny_clip.name}"
-    table = _shard(
+    table = score_shard(
         [_image(0), _image(1)],
         clip_model=pa.array([own, own]),
         image_embedding=pa.ListArray.from_arrays(
