@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from curate.hashing import phashes
+
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 EncodeFormat = Literal["jpg", "webp", "png", "original"]
 Resample = Literal["area", "lanczos", "bicubic"]
@@ -70,6 +72,8 @@ class Processed:
     orig_height: int | None = None
     sha256: str | None = None
     mime: str | None = None
+    phash: str | None = None
+    phash_mirror: str | None = None
 
 
 def process(data: bytes, opt: ImageOptions) -> Processed:
@@ -112,6 +116,7 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
             if opt.encode_format == "original":
                 img.load()  # decodes: proves the bytes are a whole, valid image
                 base.image, base.width, base.height = data, ow, oh
+                base.phash, base.phash_mirror = phashes(to_rgb(ImageOps.exif_transpose(img)))
                 return base
             scale = _scale(ow, oh, opt)
             if fmt == "jpeg" and scale < 1:
@@ -127,6 +132,7 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
         return Processed("decode_error", f"{type(e).__name__}: {e}", sha256=digest, mime=mime)
     base.image = encode(img, opt)
     base.width, base.height = img.size
+    base.phash, base.phash_mirror = phashes(img)
     return base
 
 

@@ -191,7 +191,44 @@ class KeepLongest(GlobalStage):
         return drop(table, pc.invert(pc.is_in(table["uid"], self.keep)), "not_longest")
 
 
-TEST_STAGES = (SyntheticImage, CaptionChars, Sleep, Fail, KeepLongest)
+class PlantedConfig(StrictModel):
+    columns: list[str] = Field(min_length=1, description="declared columns to fill from input_<column>")
+
+
+class Planted(Stage):
+    """Test stage: copies input columns named ``input_<column>`` (the reader renames input columns that a
+    stage declares) into the declared ``<column>``, cast to its type, on ok rows: planted embeddings,
+    scores and hashes for testing the stages that read them."""
+
+    name = "planted"
+    Config = PlantedConfig
+
+    config: PlantedConfig
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return ("status", *(f"input_{c}" for c in self.config.columns))
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return tuple(self.config.columns)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from curate.schema import COLUMNS
+
+        ok = pc.equal(table["status"], "ok")
+        for column in self.config.columns:
+            source = table[f"input_{column}"]
+            values = pc.if_else(ok, source, pa.nulls(table.num_rows, source.type))
+            values = values.cast(COLUMNS[column].type)
+            if column in table.column_names:
+                table = table.set_column(table.schema.get_field_index(column), column, values)
+            else:
+                table = table.append_column(column, values)
+        return table
+
+
+TEST_STAGES = (SyntheticImage, CaptionChars, Sleep, Fail, KeepLongest, Planted)
 
 
 def register_test_stages() -> None:

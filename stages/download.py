@@ -45,6 +45,22 @@ from curate.schema import COLUMNS, Column, declare, is_kept
 from curate.stage import Stage, StageResources
 
 declare(Column("mime", pa.string(), "download", "MIME type of the downloaded bytes, from their magic number"))
+declare(
+    Column(
+        "phash",
+        pa.string(),
+        "download",
+        "64-bit DCT perceptual hash of the stored image, 16 hex digits (curate.hashing.phash)",
+    )
+)
+declare(
+    Column(
+        "phash_mirror",
+        pa.string(),
+        "download",
+        "phash of the stored image mirrored left to right: flips match",
+    )
+)
 
 DEFAULT_USER_AGENT = f"curate/{curate.__version__} (+https://github.com/curate-data/curate#readme)"
 TRANSIENT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
@@ -125,7 +141,19 @@ class Download(Stage):
     name = "download"
     Config = DownloadConfig
     reads = ("url", "status", "drop_reason")
-    writes = ("status", "error", "image", "width", "height", "orig_width", "orig_height", "sha256", "mime")
+    writes = (
+        "status",
+        "error",
+        "image",
+        "width",
+        "height",
+        "orig_width",
+        "orig_height",
+        "sha256",
+        "mime",
+        "phash",
+        "phash_mirror",
+    )
     resources = StageResources(cpus=1)
 
     config: DownloadConfig
