@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "CaptionMix",
     "ConfigError",
     "ExecutorConfig",
     "InputConfig",
@@ -62,12 +63,72 @@ class InputConfig(StrictModel):
     caption_col: str | None = Field("caption", description="null for inputs with no caption (txt)")
 
 
+class CaptionMix(StrictModel):
+    """The shares of ``train_caption: mix`` (any non-negative weights; they need not add up to 1)."""
+
+    fused: float = Field(0.7, ge=0, description="share of samples that train on caption_fused")
+    vlm: float = Field(0.2, ge=0, description="share of samples that train on caption_vlm")
+    alt: float = Field(0.1, ge=0, description="share of samples that train on the alt-text (caption)")
+    seed: int = Field(0, description="another seed gives another, equally deterministic, draw per uid")
+
+    @model_validator(mode="after")
+    def _some_share(self) -> CaptionMix:
+        if self.fused + self.vlm + self.alt <= 0:
+            raise ValueError("at least one share must be above 0")
+        return self
+
+
+# text_column values that are train_caption choices (and fall back like them).
+_TRAIN_CAPTION_OF_COLUMN = {"caption": "alt", "caption_vlm": "vlm", "caption_fused": "fused"}
+
+
 class OutputConfig(StrictModel):
     path: str = Field(description="output folder; local or any fsspec URL")
-    text_column: str = Field("caption", description="the column written as <uid>.txt, the training caption")
+    train_caption: Literal["alt", "vlm", "fused", "mix"] = Field(
+        "alt",
+        description="what <uid>.txt holds: alt (the input's caption), vlm (caption_vlm), fused "
+        "(caption_fused) or mix (a fixed draw per uid, shares in caption_mix); a missing caption falls back "
+        "to the first of fused, vlm, alt. Every caption stays in <uid>.json and the sidecar",
+    )
+    caption_mix: CaptionMix = Field(default_factory=CaptionMix, description="shares for train_caption: mix")
+    text_column: str | None = Field(
+        None,
+        description="instead of train_caption: write this string column as it is, without fallback "
+        "(caption, caption_vlm and caption_fused mean train_caption alt, vlm and fused)",
+    )
     dropped_thumbnails: bool = Field(
         True, description="keep 128 px thumbnails of dropped rows in dropped/<id>.tar, for audit and preview"
     )
+
+    @model_validator(mode="after")
+    def _one_caption_setting(self) -> OutputConfig:
+        both = self.text_column is not None and "train_caption" in self.model_fields_set
+        if both and _TRAIN_CAPTION_OF_COLUMN.get(self.text_column or "") != self.train_caption:
+            raise ValueError(
+                f"give train_caption or text_column, not both (train_caption: {self.train_caption}, "
+                f"text_column: {self.text_column})"
+            )
+        return self
+
+    def caption_source(self) -> tuple[str, str | None]:
+        """``(train_caption, None)``, or ``("column", name)`` when ``text_column`` names another column."""
+        if self.text_column is None:
+            return self.train_caption, None
+        if self.text_column in _TRAIN_CAPTION_OF_COLUMN:
+            return _TRAIN_CAPTION_OF_COLUMN[self.text_column], None
+        return "column", self.text_column
+
+    def caption_relevant(self) -> dict[str, Any]:
+        """The training-caption settings as the fingerprint counts them. ``alt`` counts as the
+        ``text_column: caption`` it replaced, so outputs made before train_caption existed still resume."""
+        mode, column = self.caption_source()
+        if mode == "column":
+            return {"text_column": column}
+        if mode == "alt":
+            return {"text_column": "caption"}
+        if mode == "mix":
+            return {"train_caption": "mix", "caption_mix": self.caption_mix.model_dump(mode="json")}
+        return {"train_caption": mode}
 
 
 class ExecutorConfig(StrictModel):
@@ -131,7 +192,7 @@ class PipelineConfig(StrictModel):
     def output_relevant(self) -> dict[str, Any]:
         return {
             "input": self.input.model_dump(mode="json"),
-            "output": {"text_column": self.output.text_column}
+            "output": self.output.caption_relevant()
             | ({} if self.output.dropped_thumbnails else {"dropped_thumbnails": False}),
             "shard_size": self.shard_size,
             "stages": [{"stage": s.stage, "name": s.name, **s.params()} for s in self.stages],

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from curate.captions import TrainCaption
 from curate.config import ConfigError, PipelineConfig
 from curate.reader import InputReader, ShardSpec
 from curate.registry import STAGES
@@ -61,8 +62,14 @@ class Pipeline:
             )
             for spec in config.stages
         ]
+        mode, column = config.output.caption_source()
+        mix = config.output.caption_mix
         self.writer = ShardWriter(
-            config.output.path, config.output.text_column, config.output.dropped_thumbnails
+            config.output.path,
+            dropped_thumbnails=config.output.dropped_thumbnails,
+            train_caption=TrainCaption(
+                mode, column, (("fused", mix.fused), ("vlm", mix.vlm), ("alt", mix.alt)), mix.seed
+            ),
         )
         _, self.root = filesystem(config.output.path)
         for bound in self.stages:
@@ -101,9 +108,17 @@ class Pipeline:
                     problems.append((where, f"writes column {col!r}, which curate.schema does not declare"))
                 elif col not in available:
                     available.append(col)
-        text = self.config.output.text_column
-        if text not in available:
-            problems.append(("output.text_column", f"column {text!r} is written by no stage nor the input"))
+        key = "output.text_column" if self.writer.train_caption.mode == "column" else "output.train_caption"
+        for text in self.writer.train_caption.required_columns():
+            if text not in available:
+                hint = COLUMNS[text].writer if text in COLUMNS and COLUMNS[text].writer != "input" else None
+                problems.append(
+                    (
+                        key,
+                        f"column {text!r} is written by no stage nor the input"
+                        + (f"; add the {hint!r} stage" if hint else ""),
+                    )
+                )
         if problems:
             raise ConfigError(problems)
         return available

@@ -3,7 +3,9 @@
 shards/<id>.tar          <uid>.jpg|.png|.webp (if the row has an image), <uid>.json, <uid>.txt
                          for every kept row, in uid order, with fixed mtime and owner: byte-identical
                          on every rerun and executor. The json holds every column but the image and
-                         the bulky ones (embeddings), which stay in the parquet.
+                         the bulky ones (embeddings), which stay in the parquet. The txt is the
+                         training caption that ``output.train_caption`` chooses (alt-text, VLM, fused
+                         or a per-uid mix); every caption stays in the json and the parquet.
 shards/<id>.parquet      every row of the shard, kept or dropped, every column but the image bytes.
 dropped/<id>.tar         for audit: <uid>.jpg (a thumbnail, longest side 128 px) and <uid>.json (uid,
                          drop_reason) for every ok row with an image that a stage dropped, in uid order,
@@ -27,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.captions import TrainCaption
 from curate.schema import COLUMNS, canonical_order, is_kept, reason_bucket
 from curate.storage import filesystem, write_atomic, write_json_atomic
 
@@ -78,10 +81,19 @@ def _json_value(v: Any) -> Any:
 
 
 class ShardWriter:
-    def __init__(self, output_path: str, text_column: str = "caption", dropped_thumbnails: bool = True):
+    def __init__(
+        self,
+        output_path: str,
+        text_column: str = "caption",
+        dropped_thumbnails: bool = True,
+        train_caption: TrainCaption | None = None,
+    ):
+        """``train_caption`` chooses each sample's <uid>.txt (see :class:`curate.captions.TrainCaption`);
+        without it, ``text_column`` is written as it is."""
         self.output_path = output_path
         self.text_column = text_column
         self.dropped_thumbnails = dropped_thumbnails
+        self.train_caption = train_caption or TrainCaption("column", text_column)
 
     def paths(self, shard_id: str) -> dict[str, str]:
         _, root = filesystem(self.output_path)
@@ -131,7 +143,7 @@ class ShardWriter:
             c for c in kept.column_names if c != "image" and (c not in COLUMNS or COLUMNS[c].in_json)
         ]
         images = kept["image"].to_pylist() if "image" in kept.column_names else [None] * kept.num_rows
-        texts = kept[self.text_column].to_pylist()
+        texts = self.train_caption.texts(kept)
         out = io.BytesIO()
         with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for i, row in enumerate(kept.select(meta_cols).to_pylist()):
@@ -140,7 +152,7 @@ class ShardWriter:
                     f"{uid}.json": json.dumps(
                         {k: _json_value(v) for k, v in row.items()}, sort_keys=True, ensure_ascii=False
                     ).encode(),
-                    f"{uid}.txt": (texts[i] or "").encode("utf-8", "replace"),
+                    f"{uid}.txt": texts[i].encode("utf-8", "replace"),
                 }
                 if images[i] is not None:
                     members[f"{uid}.{image_extension(images[i])}"] = images[i]

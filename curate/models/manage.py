@@ -94,13 +94,20 @@ def fetch_weights(pipeline) -> list[WeightsStatus]:
         else:
             for st, spec in group:
                 try:
-                    got = WeightsStatus(st, spec, fetch(spec), True)
+                    got = WeightsStatus(st, spec, _fetch(spec), True)
                     break
                 except Exception as e:  # every failure is reported with its source; the next file is tried
                     errors.append(f"{spec.source}: {e}")
         st, spec = group[0]
         out.append(got or WeightsStatus(st, spec, local_path(spec), False, "; ".join(errors)))
     return out
+
+
+def _fetch(spec: WeightsSpec) -> Path:
+    """A file, or a whole hub repository (a transformers model) for a :class:`~curate.models.hub.RepoSpec`."""
+    from curate.models.hub import RepoSpec, fetch_repo
+
+    return fetch_repo(spec) if isinstance(spec, RepoSpec) else fetch(spec)
 
 
 def check_weights(pipeline) -> None:

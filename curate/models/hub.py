@@ -1,0 +1,166 @@
+"""Whole Hugging Face model repositories (config, weights, tokenizer, processor) as one model-directory entry.
+
+A transformers model is a folder, not a file. ``model`` in a stage's config is either a local folder (used as
+it is) or a hub id such as ``Qwen/Qwen2-VL-2B-Instruct``, which resolves as every weights file does
+(:mod:`curate.models.weights`): the model directory at ``hf/<org>/<name>`` (``hf/<org>/<name>@<revision>``
+for a revision other than ``main``), else a download of the repository's snapshot into that folder (to a
+temporary name, renamed when complete) unless ``CURATE_OFFLINE`` / ``HF_HUB_OFFLINE`` is set, else
+:class:`~curate.models.weights.ModelNotFound` naming ``curate models fetch``.
+
+A snapshot skips what transformers does not load here: other frameworks' weights (TensorFlow, Flax, ONNX,
+GGUF, ...) and, where the repository has safetensors, the same weights as pickles.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from curate.config import ConfigError
+from curate.models.weights import (
+    ModelNotFound,
+    WeightsSpec,
+    is_offline,
+    local_path,
+    source_host,
+    unreachable,
+)
+
+__all__ = [
+    "RepoSpec",
+    "check_backend",
+    "fetch_repo",
+    "is_hub_id",
+    "model_label",
+    "repo_spec",
+    "resolve_model",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NEVER = (
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.onnx",
+    "*.onnx_data",
+    "*.gguf",
+    "*.tflite",
+    "*.mlmodel",
+    "onnx/*",
+    "coreml/*",
+    "openvino/*",
+    "original/*",
+    "tf_model*",
+    "flax_model*",
+    "rust_model*",
+)
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+@dataclass(frozen=True)
+class RepoSpec(WeightsSpec):
+    """A whole hub repository at a revision; ``local`` is its folder under the model directory."""
+
+    revision: str = "main"
+
+    @property
+    def source(self) -> str:
+        rev = "" if self.revision == "main" else f"@{self.revision}"
+        return f"hf://{self.hub_repo}{rev}"
+
+
+def is_hub_id(model: str) -> bool:
+    """``org/name`` that is not an existing local path."""
+    return bool(_HUB_ID.match(model)) and not Path(model).expanduser().exists()
+
+
+def repo_spec(what: str, repo: str, revision: str = "main") -> RepoSpec:
+    local = f"hf/{repo}" if revision == "main" else f"hf/{repo}@{revision}"
+    return RepoSpec(f"{what} {repo}", local, hub_repo=repo, revision=revision)
+
+
+def model_label(model: str, revision: str = "main") -> str:
+    """What the ``*_model`` columns record: the hub id (with ``@revision`` when not main), or a local
+    folder's name."""
+    if is_hub_id(model):
+        return model if revision == "main" else f"{model}@{revision}"
+    return os.path.basename(str(model).rstrip("/")) or str(model)
+
+
+def resolve_model(what: str, model: str, revision: str = "main", download: bool = True) -> Path:
+    """The local folder of ``model``: an existing path as it is, else the hub id's model-directory folder,
+    else a fresh download of its snapshot."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{what}: {path} is not a transformers model folder (no config.json in it)")
+        return path
+    if not is_hub_id(model):
+        raise ModelNotFound(f"{what}: {model} is neither a local folder nor a hub id like org/name")
+    spec = repo_spec(what, model, revision)
+    here = local_path(spec)
+    if here.exists():
+        return here
+    if download and not is_offline():
+        try:
+            return fetch_repo(spec)
+        except Exception as e:  # any network or hub failure ends in the same advice
+            raise ModelNotFound(_missing(spec, f"the download failed: {e}")) from None
+    why = "offline (CURATE_OFFLINE or HF_HUB_OFFLINE is set)" if is_offline() else "not downloaded"
+    raise ModelNotFound(_missing(spec, why))
+
+
+def _missing(spec: RepoSpec, why: str) -> str:
+    return (
+        f"{spec.name}: model not found ({why}). Looked at {local_path(spec)}. "
+        f"Run `curate models fetch PIPELINE.yaml` where the hub is reachable and copy the model directory "
+        f"(CURATE_MODEL_DIR) here, or put a snapshot of {spec.source} in that folder, "
+        "or give a local folder as the stage's model"
+    )
+
+
+def fetch_repo(spec: RepoSpec) -> Path:
+    """Download the snapshot of ``spec`` into the model directory (atomically) and return its folder."""
+    target = local_path(spec)
+    if target.exists():
+        return target
+    why = unreachable(*source_host(spec))
+    if why:
+        raise ModelNotFound(why)
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = HfApi().list_repo_files(spec.hub_repo or "", revision=spec.revision)
+    ignore = list(_NEVER)
+    if any(f.endswith(".safetensors") for f in files):
+        ignore += _PICKLES
+    wanted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in ignore)]
+    if not any(f == "config.json" for f in wanted):
+        raise ModelNotFound(f"{spec.source} has no config.json: not a transformers model")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        got = Path(tmp) / "snapshot"
+        snapshot_download(spec.hub_repo, revision=spec.revision, local_dir=got, ignore_patterns=ignore)
+        cache = got / ".cache"  # huggingface_hub's own bookkeeping inside local_dir
+        if cache.exists():
+            import shutil
+
+            shutil.rmtree(cache)
+        os.replace(got, target)
+    return target
+
+
+def check_backend(stage: str, backend: str) -> None:
+    """Fail when the stage is built, not on the first shard, when the backend's package is missing."""
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"stage {stage!r} with backend: vllm needs the vllm package, which is not installed: "
+            "pip install 'curate[vllm]' (Linux with an NVIDIA GPU), or use backend: hf"
+        )
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"stage {stage!r} needs {', '.join(missing)}: pip install 'curate[vlm]'")

@@ -1,0 +1,106 @@
+"""Recaptioning: a vision-language model writes a synthetic caption of every kept image.
+
+Writes ``caption_vlm``, the model's caption cleaned to one line (without a prompt it repeated), and
+``caption_vlm_model``, which model wrote it, for every row that is ok, kept and has an image that decodes.
+Every other row gets null, and so does a row whose caption came out empty. Placed after the filters and
+dedup, so that no dropped row costs model time. The alt-text in ``caption`` is never changed:
+``fuse_captions`` combines both, and ``output.train_caption`` decides which one a sample trains on.
+
+Backends (``backend``): ``hf`` (transformers: BLIP, BLIP-2, Florence-2, Qwen2-VL, LLaVA and other chat VLMs;
+see :mod:`curate.models.vlm`) and ``vllm`` (optional extra ``curate[vllm]``, NVIDIA GPUs only).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.captions import clean_vlm_caption
+from curate.generation import HubModelConfig, HubModelStage
+from curate.imagebatch import iter_batches, rows_to_score, scatter, set_column
+from curate.schema import Column, declare
+from curate.stage import StageResources
+
+for _c in [
+    Column("caption_vlm", pa.string(), "recaption", "synthetic caption written by a vision-language model"),
+    Column("caption_vlm_model", pa.string(), "recaption", "the vision-language model that wrote caption_vlm"),
+]:
+    declare(_c)
+
+Family = Literal["auto", "blip", "blip2", "florence2", "qwen2_vl", "llava", "chat"]
+
+
+class RecaptionConfig(HubModelConfig):
+    model: str = Field(
+        "Salesforce/blip-image-captioning-large",
+        description="hub id (resolved through the model directory, CURATE_MODEL_DIR) or a local model folder",
+    )
+    family: Family = Field("auto", description="how the model is prompted; auto: from its config.json")
+    prompt: str | None = Field(
+        None,
+        description="default per family: none for blip/blip2, <MORE_DETAILED_CAPTION> for florence2, a "
+        "one-or-two-sentence description request for chat VLMs (qwen2_vl, llava, chat)",
+    )
+    max_new_tokens: int = Field(60, gt=0, description="longest caption, in tokens")
+    num_beams: int = Field(1, ge=1, description="1: greedy decoding (deterministic); more: beam search (hf)")
+    max_chars: int = Field(1000, gt=0, description="captions are cut to this many characters, at a word")
+    decode_threads: int | None = Field(None, gt=0, description="CPU threads decoding images (default: cores)")
+
+
+class Recaption(HubModelStage):
+    name = "recaption"
+    Config = RecaptionConfig
+    reads = ("image", "status", "drop_reason")
+    writes = ("caption_vlm", "caption_vlm_model")
+    resources = StageResources(cpus=1, uses_model=True)
+
+    config: RecaptionConfig
+
+    role = "VLM captioner"
+
+    def setup(self) -> None:
+        c = self.config
+        folder, name = self.locate()
+        if c.backend == "vllm":
+            from curate.models.vlm import VllmCaptioner
+
+            self.captioner = VllmCaptioner.load(
+                folder, name, family=c.family, prompt=c.prompt, **self.backend_options()
+            )
+        else:
+            from curate.models.vlm import HfCaptioner
+
+            self.captioner = HfCaptioner.load(
+                folder,
+                name,
+                family=c.family,
+                prompt=c.prompt,
+                num_beams=c.num_beams,
+                **self.backend_options(),
+            )
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if not hasattr(self, "captioner"):
+            self.setup()
+        c, n = self.config, table.num_rows
+        threads = c.decode_threads or os.cpu_count() or 1
+        done, captions = [], []
+        for batch_rows, images in iter_batches(table, rows_to_score(table), _same, c.batch_size, threads):
+            ok = [(r, img) for r, img in zip(batch_rows, images, strict=True) if img is not None]
+            if not ok:
+                continue
+            raw = self.captioner.caption([img for _, img in ok])
+            for (r, _), text in zip(ok, raw, strict=True):
+                text = clean_vlm_caption(text, self.captioner.prompt, c.max_chars)
+                if text:
+                    done.append(r)
+                    captions.append(text)
+        table = set_column(table, "caption_vlm", scatter(n, done, captions))
+        return set_column(table, "caption_vlm_model", scatter(n, done, [self.captioner.name] * len(done)))
+
+
+def _same(image):
+    return image
