@@ -125,7 +125,9 @@ def describe(
         )
         out.print(f"      reads:  {', '.join(s['reads']) or '-'}")
         out.print(f"      writes: {', '.join(s['writes']) or '-'}")
-    out.print(f"output: {config.output.path} (training text from {config.output.text_column!r})")
+    mode, column = config.output.caption_source()
+    text = f"column {column!r}" if column else f"train_caption: {mode}"
+    out.print(f"output: {config.output.path} (training text: {text})")
 
 
 @app.command()
@@ -190,6 +192,15 @@ def demo(
         out.print(
             f"nsfw_score >= {n['threshold']:g}: {n['flagged']} of {n['scored']} rows (the world has no NSFW images)"
         )
+    d = truth.get("dedup")
+    if d:
+        kinds = ", ".join(f"{n} {k}" for k, n in d["by_kind"].items()) or "none"
+        out.print(
+            f"duplicates removed by dedup: precision {d['precision']:.3f}, recall {d['recall']:.3f} "
+            f"({d['correct']} of {d['flagged']} flagged, {d['actual']} planted; by kind: {kinds})"
+        )
+        planted = ", ".join(f"{k} {f}/{n}" for k, (f, n) in d["planted_found"].items())
+        out.print(f"  planted copies found, by how they were made: {planted}")
     raise typer.Exit(summary.exit_code)
 
 

@@ -20,12 +20,26 @@ def _register_builtin() -> None:
     from curate.stages.aesthetic import Aesthetic
     from curate.stages.basic_filter import BasicFilter
     from curate.stages.clip_score import ClipScore
+    from curate.stages.dedup import Dedup
     from curate.stages.download import Download
     from curate.stages.filter import ThresholdFilter
+    from curate.stages.fuse_captions import FuseCaptions
     from curate.stages.nsfw import Nsfw
+    from curate.stages.recaption import Recaption
     from curate.stages.watermark import Watermark
 
-    for cls in (BasicFilter, Download, ClipScore, Nsfw, Watermark, Aesthetic, ThresholdFilter):
+    for cls in (
+        BasicFilter,
+        Download,
+        ClipScore,
+        Nsfw,
+        Watermark,
+        Aesthetic,
+        ThresholdFilter,
+        Dedup,
+        Recaption,
+        FuseCaptions,
+    ):
         register(cls)
 
 

@@ -9,6 +9,7 @@ import json
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import sidecars
 
 from curate.testing import make_tiny_clip
 
@@ -40,3 +41,18 @@ def test_demo_matches_its_ground_truth(tmp_path, cli, executor, request):
     assert info["counts"]["kept"] == info["counts"]["ok"] - sum(reasons.values())
     assert "mismatched captions removed by clip_score (threshold 0.05)" in r.out
     assert "text overlays found by text_area (threshold 0.15)" in r.out
+
+    # Dedup ran over every shard: byte copies of a row that survived the filters are always found (sha256
+    # needs no model); every dropped duplicate points to a kept row.
+    line = next(x for x in r.out.splitlines() if "planted copies found" in x)
+    found, considered = line.split("exact_duplicate ")[1].split(",")[0].split("/")
+    assert found == considered and int(considered) > 0
+    everything = sidecars(tmp_path / "demo/run")
+    kept = set(everything.filter(pc.is_null(everything["drop_reason"]))["uid"].to_pylist())
+    dups = everything.filter(pc.is_valid(everything["dup_of"]))
+    assert dups.num_rows >= int(considered) and set(dups["dup_of"].to_pylist()) <= kept
+    summary = json.loads((tmp_path / "demo/run/dedup/dedup.json").read_text())
+    assert summary["counts"]["exact"] + summary["counts"]["perceptual"] == dups.num_rows
+
+    # The tiny captioners' output is labelled as what it is.
+    assert "TINY RANDOM, UNTRAINED" in r.out + r.err

@@ -65,6 +65,63 @@ def demo_clip(out: Path, console: Console) -> tuple[Path, dict]:
     return folder, info
 
 
+DEMO_VLM = "models/demo-vlm"  # under the demo's output folder; built once, then reused
+DEMO_LLM = "models/demo-llm"
+UNTRAINED = "TINY RANDOM, UNTRAINED"  # how the demo labels what its captioner and fusion LLM write
+
+
+def demo_captioners(out: Path, console: Console) -> tuple[Path, Path]:
+    """The demo's captioner (a tiny BLIP) and fusion LLM (a tiny Llama): random weights, built on first use
+    (a few seconds), reused after. Each is built under a temporary name and renamed when complete."""
+    import os
+    import shutil
+
+    from curate.demo.tiny_captioners import build_tokenizer, make_tiny_blip, make_tiny_llm
+
+    folders = (out / DEMO_VLM, out / DEMO_LLM)
+    if all((f / "config.json").exists() for f in folders):
+        return folders
+    console.print(
+        f"building the demo's {UNTRAINED} captioner (BLIP) and fusion LLM (Llama) in {out / 'models'}: "
+        "they exercise the recaption and fuse_captions stages, and their captions are noise"
+    )
+    for folder, make, bert in ((folders[0], make_tiny_blip, True), (folders[1], make_tiny_llm, False)):
+        if (folder / "config.json").exists():
+            continue
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp, tokenizer=build_tokenizer(bert_template=bert))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folders
+
+
+def caption_sample(run_dir: Path, rows: int = 3) -> dict:
+    """A few kept rows' alt-text, VLM and fused captions, and the count of every fusion_status."""
+    import pyarrow.compute as pc
+
+    sides = sorted((run_dir / "shards").glob("*.parquet"))
+    columns = ["uid", "caption", "caption_vlm", "caption_fused", "fusion_status"]
+    side = pa.concat_tables([pq.read_table(p) for p in sides], promote_options="permissive")
+    if "caption_fused" not in side.column_names:
+        return {}
+    side = side.select(columns)
+    status = Counter(s for s in side["fusion_status"].to_pylist() if s is not None)
+    done = side.filter(pc.is_valid(side["caption_vlm"])).sort_by("uid")
+    return {"fusion_status": dict(sorted(status.items())), "sample": done.slice(0, rows).to_pylist()}
+
+
+def print_caption_sample(sample: dict, console: Console) -> None:
+    if not sample:
+        return
+    counts = ", ".join(f"{k} {n}" for k, n in sample["fusion_status"].items()) or "none"
+    console.print(f"captions ({UNTRAINED} models: random words, not real captions); fusion_status: {counts}")
+    for row in sample["sample"]:
+        console.print(f"  alt-text: {row['caption']}", highlight=False, markup=False)
+        console.print(f"  vlm     : {row['caption_vlm']}   [{UNTRAINED}]", highlight=False, markup=False)
+        console.print(f"  fused   : {row['caption_fused']}   [{UNTRAINED}]", highlight=False, markup=False)
+
+
 def run_demo(
     output: str, size: int, executor: str | None, console: Console, clip: str | None = None
 ) -> tuple[RunSummary, dict]:
@@ -84,6 +141,7 @@ def run_demo(
         calibration = json.loads((clip_folder / CALIBRATION_FILE).read_text())
     else:
         clip_folder, calibration = demo_clip(out, console)
+    vlm_folder, llm_folder = demo_captioners(out, console)
     with WorldServer() as server:
         world.serve(server)
         written = world.write(out / "world", server.url)
@@ -94,6 +152,8 @@ def run_demo(
             f"stages.download.allow_private=[{server.host_port}]",
             f"stages.clip_score.model=local-dir:{clip_folder}",
             f"stages.quality_filter.rules.0=clip_score >= {threshold}",
+            f"stages.recaption.model={vlm_folder}",
+            f"stages.fuse_captions.model={llm_folder}",
         ]
         if executor:
             overrides.append(f"executor.kind={executor}")
@@ -102,6 +162,9 @@ def run_demo(
         summary = run_pipeline(config, overwrite=True, console=console)
     report = check_against_truth(out / "run", written["truth"])
     report["scores"] = score_report(out / "run", written["truth"], config)
+    report["dedup"] = dedup_report(out / "run", written["truth"])
+    report["captions"] = caption_sample(out / "run")
+    print_caption_sample(report["captions"], console)
     return summary, report
 
 
@@ -203,3 +266,51 @@ def score_report(run_dir: Path, truth_path: Path, config) -> dict:
             "flagged": sum(s >= nsfw[1] for s in scored),
         }
     return report
+
+
+def dedup_report(run_dir: Path, truth_path: Path) -> dict | None:
+    """How well dedup found the world's planted duplicates, over the rows it considered (those still kept
+    when it ran).
+
+    A planted group is an original with its exact and near copies; the rows served from the same bytes
+    (the world's slow URLs all serve one JPEG) form one more. Of each group's rows that dedup considered,
+    all but one should go: those are the actual duplicates. A dropped row is correct when it belongs to a
+    group and points to a row of the same group.
+    """
+    sides = sorted((run_dir / "shards").glob("*.parquet"))
+    columns = ["uid", "drop_reason", "dup_of", "dup_kind"]
+    side = pa.concat_tables([pq.read_table(p) for p in sides], promote_options="permissive")
+    if "dup_kind" not in side.column_names:
+        return None
+    truth = pq.read_table(truth_path, columns=["uid", "kind", "path", "duplicate_of_uid"]).to_pylist()
+    group, kind = {}, {}
+    for t in truth:
+        kind[t["uid"]] = t["kind"]
+        group[t["uid"]] = "slow" if t["kind"] == "slow" else t["duplicate_of_uid"] or t["uid"]
+    rows = side.select(columns).to_pylist()
+    considered = [r for r in rows if r["drop_reason"] is None or r["drop_reason"].startswith("duplicate:")]
+    size = Counter(group[r["uid"]] for r in considered)
+    actual = sum(n - 1 for n in size.values())
+    flagged = [r for r in considered if r["dup_of"] is not None]
+    correct = [r for r in flagged if group[r["uid"]] == group.get(r["dup_of"])]
+    per_kind: dict[str, list[int]] = {}
+    for r in considered:  # planted copies by how they were made: found / considered
+        k = kind[r["uid"]]
+        if k == "exact_duplicate" or k.startswith("near_duplicate:"):
+            found = per_kind.setdefault(k.removeprefix("near_duplicate:"), [0, 0])
+            found[1] += 1
+            # The copy, or its original in its place when the copy was the one kept.
+            found[0] += int(
+                size[group[r["uid"]]] > 1
+                and any(x["dup_of"] is not None and group[x["uid"]] == group[r["uid"]] for x in flagged)
+            )
+    by_dedup_kind = Counter(r["dup_kind"] for r in flagged)
+    return {
+        "flagged": len(flagged),
+        "actual": actual,
+        "correct": len(correct),
+        "precision": len(correct) / len(flagged) if flagged else 0.0,
+        "recall": len(correct) / actual if actual else 0.0,
+        "planted_found": {k: tuple(v) for k, v in sorted(per_kind.items())},
+        "by_kind": dict(sorted(by_dedup_kind.items())),
+    }
