@@ -83,6 +83,13 @@ class PerceptualConfig(StrictModel):
     enabled: bool = True
     max_distance: int = Field(4, ge=0, le=16, description="most differing bits of two 64-bit pHashes")
     flips: bool = Field(True, description="also match an image's hash against the other's mirror hash")
+    verify_pixels: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="a hash match must also have at least this correlation of 64 px grey thumbnails (best "
+        "over the mirror and shifts of up to 3 px); reads the images of the matched rows; null: off",
+    )
     verify_cosine: float | None = Field(
         0.9,
         ge=-1,
@@ -204,6 +211,7 @@ class Dedup(GlobalStage):
         cols += ["sha256"] if c.exact or c.decontaminate else []
         cols += ["phash"] if c.perceptual.enabled or c.decontaminate else []
         cols += ["phash_mirror"] if c.perceptual.enabled and c.perceptual.flips else []
+        cols += ["image"] if c.perceptual.enabled and c.perceptual.verify_pixels is not None else []
         cols += ["image_embedding"] if self.needs_embeddings or self.decontaminate_embeddings else []
         cols += [col for col, _ in self.keep_columns if col not in cols]
         return tuple(cols)
@@ -279,6 +287,9 @@ class Dedup(GlobalStage):
                 if c.perceptual.verify_cosine is not None and len(pairs):
                     sims = rows.cosine(pairs.a, pairs.b)
                     ok = sims >= c.perceptual.verify_cosine  # NaN (no embedding) fails the check
+                    pairs = Pairs(pairs.a[ok], pairs.b[ok], pairs.kind[ok], pairs.similarity[ok])
+                if c.perceptual.verify_pixels is not None and len(pairs):
+                    ok = _pixel_similarity(shards, rows, pairs.a, pairs.b) >= c.perceptual.verify_pixels
                     pairs = Pairs(pairs.a[ok], pairs.b[ok], pairs.kind[ok], pairs.similarity[ok])
                 parts.append(pairs)
                 counts["perceptual_pairs"] = len(pairs)
@@ -470,7 +481,8 @@ def _open_phase_table(shards: Any, shard_id: str, columns: list[str]) -> pa.Tabl
 
 
 def _gather(shards: Any, columns: tuple[str, ...], want_vectors: bool, scratch: Path) -> _Rows:
-    scalar_cols = [c for c in columns if c not in ("image_embedding", "status", "drop_reason")]
+    scalar_cols = [c for c in columns if c not in ("image_embedding", "image", "status", "drop_reason")]
+    shard_of: list[np.ndarray] = []
     values: dict[str, list] = {c: [] for c in scalar_cols}
     vector_rows: list[np.ndarray] = []
     dim: int | None = None
@@ -482,6 +494,7 @@ def _gather(shards: Any, columns: tuple[str, ...], want_vectors: bool, scratch: 
             table = table.filter(is_kept(table))
             for c in scalar_cols:
                 values[c].append(table[c].to_numpy(zero_copy_only=False))
+            shard_of.append(np.full(table.num_rows, shard_id, dtype=object))
             if not want_vectors:
                 continue
             emb = table["image_embedding"]
@@ -503,7 +516,8 @@ def _gather(shards: Any, columns: tuple[str, ...], want_vectors: bool, scratch: 
             count += m
             vector_rows.append(vr)
     cols = {c: (np.concatenate(v) if v else np.zeros(0, object)) for c, v in values.items()}
-    strings = ("uid", "sha256", "phash", "phash_mirror")
+    cols["shard"] = np.concatenate(shard_of) if shard_of else np.zeros(0, object)
+    strings = ("uid", "sha256", "phash", "phash_mirror", "shard")
     for c in strings:
         if c in cols:
             cols[c] = cols[c].astype(object)
@@ -522,6 +536,63 @@ def _gather(shards: Any, columns: tuple[str, ...], want_vectors: bool, scratch: 
 def _as_float(values: np.ndarray) -> np.ndarray:
     """Numbers (with None for nulls) as float64 with NaN."""
     return np.array([np.nan if v is None else float(v) for v in values], np.float64)
+
+
+# --- pixel check of perceptual pairs ------------------------------------------------------------
+
+_THUMB, _SHIFT = 64, 3
+
+
+def _thumbnail(data: bytes | None) -> np.ndarray | None:
+    """64x64 grey pixels, zero mean; None for bytes that do not decode."""
+    import io
+
+    from PIL import Image
+
+    if data is None:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data)).convert("L").resize((_THUMB, _THUMB), Image.Resampling.BOX)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return np.asarray(img, np.float32)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """The best normalised cross-correlation of ``a`` with ``b`` or its mirror, shifted up to 3 px: a crop
+    or a mirror of the same picture scores near 1, another picture with the same layout lower."""
+    best = -1.0
+    n = _THUMB
+    for other in (b, b[:, ::-1]):
+        for dy in range(-_SHIFT, _SHIFT + 1):
+            for dx in range(-_SHIFT, _SHIFT + 1):
+                x = a[max(0, dy) : n + min(0, dy), max(0, dx) : n + min(0, dx)]
+                y = other[max(0, -dy) : n + min(0, -dy), max(0, -dx) : n + min(0, -dx)]
+                x, y = x - x.mean(), y - y.mean()
+                den = float(np.sqrt((x * x).sum() * (y * y).sum()))
+                if den > 0:
+                    best = max(best, float((x * y).sum()) / den)
+    return best
+
+
+def _pixel_similarity(shards: Any, rows: _Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The thumbnails' correlation of each pair (-1 where an image is missing), images read from the
+    phase's shards."""
+    wanted = np.unique(np.concatenate([a, b]))
+    thumbs: dict[int, np.ndarray | None] = {}
+    shard = rows.columns["shard"]
+    for shard_id in sorted(set(shard[wanted].tolist())):
+        mine = wanted[shard[wanted] == shard_id]
+        table = _open_phase_table(shards, shard_id, ["input_index", "image"])
+        where = {int(i): k for k, i in enumerate(table["input_index"].to_pylist())}
+        images = table["image"]
+        for r in mine:
+            thumbs[int(r)] = _thumbnail(images[where[int(rows.input_index[r])]].as_py())
+    out = np.full(len(a), -1.0, np.float32)
+    for k, (x, y) in enumerate(zip(a.tolist(), b.tolist(), strict=True)):
+        if thumbs[x] is not None and thumbs[y] is not None:
+            out[k] = _correlation(thumbs[x], thumbs[y])
+    return out
 
 
 # --- decontamination -------------------------------------------------------------------------------

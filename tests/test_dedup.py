@@ -438,9 +438,17 @@ def image_server():
             path = f"/{k}/{name}.jpg"
             files[path] = data
             rows.append((path, f"photo number {k}", name))
+    # Two flat drawings that differ only in the shape: pHash hardly tells them apart.
+    from curate.demo.world import _draw, _Scene, _Shape
+
+    for kind in ("circle", "diamond"):
+        scene = _Scene(192, 192, "red", (_Shape(kind, "yellow", 96.0, 96.0, 20.0, 0.0),), "PNG")
+        buf = io.BytesIO()
+        _draw(scene, np.random.default_rng(0)).save(buf, "PNG")
+        files[f"/flat/{kind}.png"] = buf.getvalue()
     with WorldServer() as server:
         for path, data in files.items():
-            server.add(path, data, "image/jpeg")
+            server.add(path, data, "image/png" if path.endswith(".png") else "image/jpeg")
         yield server, rows
 
 
@@ -485,6 +493,35 @@ def test_exact_and_perceptual_on_downloaded_images(tmp_path, cli, image_server):
                 assert by_path[p]["dup_kind"] == ("exact" if name == "exact" else "perceptual")
                 if p.endswith("flip.jpg") or by_path[kept]["url"].endswith("flip.jpg"):
                     assert by_path[p]["dup_similarity"] >= 1 - 4 / 64
+
+
+def test_pixel_check_rejects_hash_matches_of_different_pictures(tmp_path, cli, image_server):
+    server, _ = image_server
+    paths = ["/flat/circle.png", "/flat/diamond.png"] + [
+        f"/0/{v}.jpg" for v in ("original", "reencode", "flip")
+    ]
+    pq.write_table(
+        pa.table({"URL": [server.url + p for p in paths], "TEXT": ["a picture"] * len(paths)}),
+        tmp_path / "in.parquet",
+    )
+    download = {
+        "stage": "download",
+        "allow_private": [server.host_port],
+        "image_size": 128,
+        "resize_mode": "keep_ratio",
+    }
+    dropped = {}
+    for name, pixels in (("hashes", None), ("pixels", 0.9)):
+        perceptual = {"verify_cosine": None, "verify_pixels": pixels}
+        dedup = {"stage": "dedup", "exact": False, "semantic": False, "keep": [], "perceptual": perceptual}
+        out = _run(cli, tmp_path, name, [download, dedup])
+        rows = {r["url"][len(server.url) :]: r for r in sidecars(out).to_pylist()}
+        d = hamming(*hex_to_uint64([rows["/flat/circle.png"]["phash"], rows["/flat/diamond.png"]["phash"]]))
+        assert d <= 4  # the precondition: the hashes alone call them copies
+        dropped[name] = {p for p, r in rows.items() if r["drop_reason"] is not None}
+    assert len(dropped["hashes"] & {"/flat/circle.png", "/flat/diamond.png"}) == 1
+    assert dropped["pixels"] == dropped["hashes"] - {"/flat/circle.png", "/flat/diamond.png"}
+    assert len(dropped["pixels"]) == 2  # the re-encode and the flip of the photo still go
 
 
 def test_decontamination_drops_rows_near_the_evaluation_set(tmp_path, cli, image_server):
