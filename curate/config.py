@@ -99,6 +99,11 @@ class OutputConfig(StrictModel):
     dropped_thumbnails: bool = Field(
         True, description="keep 128 px thumbnails of dropped rows in dropped/<id>.tar, for audit and preview"
     )
+    report: bool = Field(
+        True,
+        description="write report/report.html and report.json at the end of the run (a few tenths of a "
+        "second for a small run; `curate report OUTPUT` writes them at any time)",
+    )
 
     @model_validator(mode="after")
     def _one_caption_setting(self) -> OutputConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import logging
 import platform
 import sys
 import time
@@ -29,6 +30,8 @@ from curate.reader import InputReader, ShardSpec
 from curate.storage import clean_temp, filesystem, read_json, write_json_atomic
 
 __all__ = ["RunSummary", "collect_output", "run_fingerprint", "run_pipeline"]
+
+log = logging.getLogger(__name__)
 
 # What curate owns inside an output folder; --overwrite removes these and nothing else.
 OWNED = ("run.json", "shards", "dropped", "work", "global", "embeddings", "dedup", "index", "report")
@@ -224,11 +227,23 @@ def run_pipeline(
         shards_failed=sorted(summary.shards_failed),
     )
     write_json_atomic(out.fs, f"{out.root}/run.json", info)
+    if config.output.report:
+        _write_report(config.output.path)
     if show_progress:
         console.print(summary_table(summary.counts))
         if summary.stages:
             console.print(stage_table(summary.stages))
     return summary
+
+
+def _write_report(path: str) -> None:
+    """report/report.html and report.json; the report only looks at the run, so it never fails it."""
+    try:
+        from curate.report import write_report
+
+        write_report(path)
+    except Exception as e:
+        log.warning("could not write the run report in %s/report (curate report OUTPUT retries): %r", path, e)
 
 
 def _needed(pipeline: Pipeline, jobs: list, specs: list[ShardSpec], out: OutputDir) -> dict[int, set[str]]:
