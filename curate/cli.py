@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from curate.config import ConfigError, PipelineConfig, load_config
+from curate.index_cli import index_app
 from curate.models.weights import ModelNotFound
 from curate.reader import InputError
 
@@ -274,11 +275,22 @@ def preview(
         out.print(f"images near the thresholds: {report.html}")
 
 
+@app.command("report")
+def report_(output: Annotated[str, typer.Argument(help="The output folder of a run.")]) -> None:
+    """Write OUTPUT/report/report.html (funnel, drop reasons, link rot, stage times, score histograms with
+    thresholds, sample grids, captions; one self-contained file) and report.json with the same numbers."""
+    from curate.report import write_report
+
+    written = write_report(output)
+    out.print(f"report: {written.html_path}\nnumbers: {written.json_path}")
+
+
 models_app = typer.Typer(
     help="Model weights: list what a pipeline needs, fetch it for air-gapped clusters, train the demo's CLIP.",
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
 
 
 @models_app.command("list")

@@ -56,3 +56,12 @@ def test_demo_matches_its_ground_truth(tmp_path, cli, executor, request):
 
     # The tiny captioners' output is labelled as what it is.
     assert "TINY RANDOM, UNTRAINED" in r.out + r.err
+
+    # The run report is written at the end of the run, with the demo's captions side by side.
+    report = json.loads((tmp_path / "demo/run/report/report.json").read_text())
+    assert (tmp_path / "demo/run/report/report.html").exists()
+    assert report["funnel"][-1]["rows"] == info["counts"]["kept"] and report["samples"]["captions"]
+
+    # The retrieval index is built over the kept samples, and one text query shows its neighbours.
+    index = json.loads((tmp_path / "demo/index/index.json").read_text())
+    assert index["count"] > 0 and "retrieval index:" in r.out + r.err

@@ -165,6 +165,13 @@ def run_demo(
     report["dedup"] = dedup_report(out / "run", written["truth"])
     report["captions"] = caption_sample(out / "run")
     print_caption_sample(report["captions"], console)
+    try:
+        from curate.index import demo_index
+
+        say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+        report["index"] = demo_index(out / "run", out / "index", say)
+    except Exception as e:  # the run's results above stand; an index problem must not hide them
+        console.print(f"[yellow]retrieval index not built:[/yellow] {e}", highlight=False)
     return summary, report
 
 
