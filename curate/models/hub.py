@@ -25,7 +25,7 @@ from curate.config import ConfigError
 from curate.models.weights import (
     ModelNotFound,
     WeightsSpec,
-    is_offline,
+    cached_or_fetched,
     local_path,
     source_host,
     unreachable,
@@ -103,24 +103,13 @@ def resolve_model(what: str, model: str, revision: str = "main", download: bool 
     if not is_hub_id(model):
         raise ModelNotFound(f"{what}: {model} is neither a local folder nor a hub id like org/name")
     spec = repo_spec(what, model, revision)
-    here = local_path(spec)
-    if here.exists():
-        return here
-    if download and not is_offline():
-        try:
-            return fetch_repo(spec)
-        except Exception as e:  # any network or hub failure ends in the same advice
-            raise ModelNotFound(_missing(spec, f"the download failed: {e}")) from None
-    why = "offline (CURATE_OFFLINE or HF_HUB_OFFLINE is set)" if is_offline() else "not downloaded"
-    raise ModelNotFound(_missing(spec, why))
-
-
-def _missing(spec: RepoSpec, why: str) -> str:
-    return (
-        f"{spec.name}: model not found ({why}). Looked at {local_path(spec)}. "
-        f"Run `curate models fetch PIPELINE.yaml` where the hub is reachable and copy the model directory "
-        f"(CURATE_MODEL_DIR) here, or put a snapshot of {spec.source} in that folder, "
-        "or give a local folder as the stage's model"
+    return cached_or_fetched(
+        spec,
+        fetch_repo,
+        download=download,
+        noun="model",
+        put="put a snapshot of {source} in that folder",
+        instead="give a local folder as the stage's model",
     )
 
 

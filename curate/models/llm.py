@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from curate.models.device import pick_device, pick_dtype
-
 __all__ = ["HfGenerator", "TextGenerator", "VllmGenerator", "render_chat"]
 
 
@@ -72,23 +70,17 @@ class HfGenerator:
         threads: int | None = None,
         trust_remote_code: bool = False,
     ) -> HfGenerator:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from curate.models.vlm import dtype_kwargs, quiet_progress
+        from curate.models.vlm import load_hf_model
 
-        if threads:
-            torch.set_num_threads(threads)
-        dev = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # a batch must end where generation starts
         if tokenizer.pad_token is None:  # Llama-style tokenizers have none; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
-        with quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, trust_remote_code=trust_remote_code, **dtype_kwargs(pick_dtype(dev, precision))
-            )
-        model.to(dev).eval()
+        model, dev, _ = load_hf_model(
+            AutoModelForCausalLM, folder, device, precision, threads, trust_remote_code
+        )
         chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
         return cls(model, tokenizer, dev, max_new_tokens, chat, name)
 

@@ -111,6 +111,27 @@ def dtype_kwargs(dtype) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def load_hf_model(
+    auto_class: Any,
+    folder: str | Path,
+    device: str,
+    precision: str,
+    threads: int | None,
+    trust_remote_code: bool,
+) -> tuple[Any, Any, Any]:
+    """(model, device, dtype): ``auto_class.from_pretrained(folder)`` in the precision the device takes, on
+    it, in eval mode; ``threads`` sets torch's CPU threads first."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    dtype = pick_dtype(dev, precision)
+    with quiet_progress():
+        model = auto_class.from_pretrained(folder, trust_remote_code=trust_remote_code, **dtype_kwargs(dtype))
+    return model.to(dev).eval(), dev, dtype
+
+
 def render_prompt(processor: Any, family: str, prompt: str) -> str:
     """The text that goes to the processor with each image."""
     if family not in _CHAT:
@@ -154,20 +175,14 @@ class HfCaptioner:
         threads: int | None = None,
         trust_remote_code: bool = False,
     ) -> HfCaptioner:
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if threads:
-            torch.set_num_threads(threads)
         family = detect_family(folder) if family == "auto" else family
-        dev = pick_device(device)
-        dtype = pick_dtype(dev, precision)
         with quiet_progress():
             processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            model = AutoModelForImageTextToText.from_pretrained(
-                folder, trust_remote_code=trust_remote_code, **dtype_kwargs(dtype)
-            )
-        model.to(dev).eval()
+        model, dev, dtype = load_hf_model(
+            AutoModelForImageTextToText, folder, device, precision, threads, trust_remote_code
+        )
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is not None and not model.config.is_encoder_decoder and family != "blip":
             tokenizer.padding_side = "left"  # a decoder-only batch must end where generation starts

@@ -23,8 +23,10 @@ import socket
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ModelNotFound",
@@ -82,25 +84,38 @@ def resolve(spec: WeightsSpec, explicit: str | os.PathLike | None = None, *, dow
         if not path.exists():
             raise ModelNotFound(f"{spec.name}: {path} does not exist (it was given as the weights' path)")
         return path
+    return cached_or_fetched(spec, fetch if (spec.hub_repo or spec.url) else None, download=download)
+
+
+def cached_or_fetched(
+    spec: WeightsSpec,
+    fetcher: Callable[[Any], Path] | None,
+    *,
+    download: bool = True,
+    noun: str = "weights",
+    put: str = "put the file from {source} at that path",
+    instead: str = "give its path in the stage's config",
+) -> Path:
+    """``spec`` in the model directory, else ``fetcher(spec)`` unless offline, else :class:`ModelNotFound`
+    saying where it was looked for and how to get it there."""
     path = local_path(spec)
     if path.exists():
         return path
-    if download and not is_offline() and (spec.hub_repo or spec.url):
+
+    def missing(why: str) -> str:
+        return (
+            f"{spec.name}: {noun} not found ({why}). Looked at {path}. "
+            f"Run `curate models fetch PIPELINE.yaml` where the hub is reachable and copy the model directory "
+            f"(CURATE_MODEL_DIR) here, or {put.format(source=spec.source)}, or {instead}"
+        )
+
+    if download and not is_offline() and fetcher is not None:
         try:
-            return fetch(spec)
+            return fetcher(spec)
         except Exception as e:  # any network or hub failure ends in the same advice
-            raise ModelNotFound(_missing(spec, f"the download failed: {e}")) from None
+            raise ModelNotFound(missing(f"the download failed: {e}")) from None
     why = "offline (CURATE_OFFLINE or HF_HUB_OFFLINE is set)" if is_offline() else "not downloaded"
-    raise ModelNotFound(_missing(spec, why))
-
-
-def _missing(spec: WeightsSpec, why: str) -> str:
-    return (
-        f"{spec.name}: weights not found ({why}). Looked at {local_path(spec)}. "
-        f"Run `curate models fetch PIPELINE.yaml` where the hub is reachable and copy the model directory "
-        f"(CURATE_MODEL_DIR) here, or put the file from {spec.source} at that path, "
-        "or give its path in the stage's config"
-    )
+    raise ModelNotFound(missing(why))
 
 
 def source_host(spec: WeightsSpec) -> tuple[str, int]:
