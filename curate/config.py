@@ -34,15 +34,18 @@ __all__ = [
 class ConfigError(Exception):
     """A config or usage problem, found before any work starts. The CLI exits with code 2."""
 
-    def __init__(self, problems: list[tuple[str, str]] | str, source: str | None = None):
+    def __init__(
+        self, problems: list[tuple[str, str]] | str, source: str | None = None, what: str = "pipeline"
+    ):
         if isinstance(problems, str):
             problems = [("", problems)]
         self.problems = problems
         self.source = source
+        self.what = what
         super().__init__(self.render())
 
     def render(self) -> str:
-        head = f"invalid pipeline config{f' {self.source}' if self.source else ''}:"
+        head = f"invalid {self.what} config{f' {self.source}' if self.source else ''}:"
         lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in self.problems]
         return "\n".join([head, *lines])
 

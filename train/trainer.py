@@ -1,0 +1,359 @@
+"""``curate train``: the training loop.
+
+AdamW with warm-up (then constant or cosine), gradient accumulation, gradient clipping, EMA, bf16 autocast
+on CUDA, classifier-free-guidance dropout of the text and (separately) of the retrieval tokens. Multi-GPU and
+multi-node through torchrun (DDP); the rank comes from torchrun's variables or, under ``srun``, from
+Slurm's. TensorBoard logs go to ``<output>/logs``.
+
+Deterministic on the CPU: the noise, timesteps and dropouts of step ``s`` come from a generator seeded with
+``(seed, rank, s, micro-step)``, the data stream is deterministic (``curate.train.data``) and a checkpoint
+holds everything else (weights, EMA, optimiser, data position), so a run resumed from a checkpoint ends with
+the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from curate.train.checkpoint import (
+    latest_checkpoint,
+    load_optimizer,
+    load_weights,
+    read_state,
+    save_checkpoint,
+)
+from curate.train.config import TrainConfig
+from curate.train.data import ShardStream, find_shards, run_roots
+from curate.train.model import Generator, TextEncoder, clip_from_run, load_vae
+
+__all__ = ["DistEnv", "Trainer", "dist_env", "train"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def dist_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """This process's rank: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else Slurm's SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID (one task per GPU under ``srun``), else a single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistEnv()
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") % 2**63
+
+
+def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, say=print, progress: bool = True):
+        self.cfg = cfg
+        self.say = say
+        self.progress = progress
+        self.env = dist_env()
+        self.out = Path(cfg.output)
+
+    # -- setup --------------------------------------------------------------------------------------------
+
+    def _setup_distributed(self) -> None:
+        if self.env.world > 1 and not torch.distributed.is_initialized():
+            if self.env.rank != int(os.environ.get("RANK", self.env.rank)) or "MASTER_ADDR" not in os.environ:
+                raise RuntimeError(
+                    "several ranks, but no MASTER_ADDR/MASTER_PORT: launch with torchrun, or export them "
+                    "in the Slurm script (infra/slurm/train.sbatch does)"
+                )
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend, rank=self.env.rank, world_size=self.env.world)
+
+    def _device(self) -> torch.device:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.env.local_rank)
+            return torch.device("cuda", self.env.local_rank)
+        return torch.device("cpu")
+
+    def build(self) -> None:
+        cfg = self.cfg
+        if cfg.schedule.threads:
+            torch.set_num_threads(cfg.schedule.threads)
+        self._setup_distributed()
+        self.device = self._device()
+        self.shards = find_shards(cfg.data.shards)
+        self.roots = run_roots(cfg.data.shards)
+        self.run_clip = clip_from_run(self.roots)
+        text = TextEncoder.load(cfg.model.text_encoder, self.run_clip, self.device)
+        vae = load_vae(cfg.model, self.device)
+        self.neighbours = None
+        clip_dim = None
+        if cfg.model.retrieval:
+            from curate.train.retrieval import training_neighbours
+
+            self.neighbours = training_neighbours(cfg.model.retrieval, self.roots, self._say0)
+            clip_dim = self.neighbours.dim
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
+        self.gen = Generator(cfg.model, cfg.data.resolution, text, vae, clip_dim)
+        self.model = self.gen.denoiser.to(self.device)
+        self.ema = None
+        if cfg.optim.ema_decay is not None:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+        )
+        self.step = 0
+        self.consumed: dict[str, dict[str, int]] = {}
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None:
+            self._resume(ckpt)
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index])
+            if self.env.world > 1 and self.device.type == "cuda"
+            else torch.nn.parallel.DistributedDataParallel(self.model)
+            if self.env.world > 1
+            else self.model
+        )
+        mine = {int(w): n for w, n in self.consumed.get(str(self.env.rank), {}).items()}
+        self.stream = ShardStream(
+            self.shards,
+            cfg.data,
+            o.batch_size,
+            seed=cfg.seed,
+            rank=self.env.rank,
+            world=self.env.world,
+            consumed=mine,
+            neighbours=self.neighbours,
+        )
+        self.autocast_dtype = (
+            torch.bfloat16 if self.device.type == "cuda" and o.precision in ("auto", "bf16") else None
+        )
+
+    def _resume(self, ckpt: Path) -> None:
+        state = read_state(ckpt)
+        if state.get("config", {}).get("model") != self.cfg.to_dict()["model"]:
+            raise ValueError(
+                f"{ckpt} was trained with another model config; use a new output folder or the same config"
+            )
+        load_weights(self.model, ckpt / "model.safetensors")
+        if self.ema is not None and (ckpt / "ema.safetensors").exists():
+            load_weights(self.ema, ckpt / "ema.safetensors")
+        load_optimizer(self.opt, ckpt / "optimizer.safetensors")
+        self.step = int(state["step"])
+        self.consumed = state.get("consumed", {})
+        self._say0(f"resumed from {ckpt} at step {self.step}")
+
+    def _say0(self, line: str) -> None:
+        if self.env.rank == 0:
+            self.say(line)
+
+    # -- one step ---------------------------------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
+        cfg, gen, dev = self.cfg, self.gen, self.device
+        g = torch.Generator().manual_seed(_seed(cfg.seed, self.env.rank, self.step, micro))
+        pixels = batch["pixels"].to(dev, non_blocking=True)
+        x0 = gen.encode_images(pixels, generator=g)
+        n = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, gen.noise.config.num_train_timesteps, (n,), generator=g).to(dev)
+        drop_text = (torch.rand(n, generator=g) < cfg.optim.cfg_dropout).to(dev)
+        drop_rag = (torch.rand(n, generator=g) < cfg.optim.rag_dropout).to(dev)
+        noisy = gen.noise.add_noise(x0, noise, t)
+        target = noise if cfg.model.prediction == "epsilon" else gen.noise.get_velocity(x0, noise, t)
+        text = gen.text.encode(batch["captions"], dev)
+        neighbours = batch.get("neighbours")
+        if neighbours is not None:
+            neighbours = neighbours.to(dev)
+        ctx = torch.autocast("cuda", self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        with ctx:
+            pred = self.ddp(noisy, t, text, gen.null_text(dev), neighbours, drop_text, drop_rag)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        gamma = cfg.optim.snr_gamma
+        if gamma is None:
+            return per_sample.mean()
+        alphas = gen.noise.alphas_cumprod.to(dev)[t]
+        snr = alphas / (1 - alphas)
+        weight = torch.clamp(snr, max=gamma) / (snr if cfg.model.prediction == "epsilon" else snr + 1)
+        return (per_sample * weight).mean()
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        decay = min(self.cfg.optim.ema_decay or 0.0, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            e.copy_(b)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.build()
+        cfg, o = self.cfg, self.cfg.optim
+        total = cfg.schedule.steps
+        writer = None
+        if self.env.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "logs"))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._say0(
+            f"training {n_params / 1e6:.2f} M parameters on {len(self.shards)} shards, "
+            f"{self.env.world} rank(s), {self.device}; text encoder {self.gen.text.name}; "
+            f"{'latent' if self.gen.vae is not None else 'pixel'} space {self.gen.latent_size}px"
+        )
+        loader = iter(self.stream.loader())
+        sched = lambda s: o.lr * _lr_factor(s, o.warmup_steps, total, o.lr_schedule)  # noqa: E731
+        history: list[dict[str, Any]] = []
+        started, seen, last_log = time.perf_counter(), 0, time.perf_counter()
+        bar = self._bar(total)
+        while self.step < total:
+            for group in self.opt.param_groups:
+                group["lr"] = sched(self.step)
+            self.model.train()
+            loss_sum = 0.0
+            for micro in range(o.grad_accum):
+                batch = next(loader)
+                self._mark(batch)
+                sync = micro == o.grad_accum - 1 or self.ddp is self.model
+                with nullcontext() if sync else self.ddp.no_sync():
+                    loss = self.loss(batch, micro)
+                    (loss / o.grad_accum).backward()
+                loss_sum += float(loss.detach()) / o.grad_accum
+                seen += len(batch["uids"])
+            if o.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.ema is not None:
+                self._ema_update()
+            if bar is not None:
+                bar.update(1, loss=loss_sum)
+            if self.step % cfg.schedule.log_every == 0 or self.step == total:
+                now = time.perf_counter()
+                rate = seen * self.env.world / max(now - last_log, 1e-9)
+                seen, last_log = 0, now
+                history.append({"step": self.step, "loss": loss_sum, "lr": sched(self.step - 1)})
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_sum, self.step)
+                    writer.add_scalar("train/lr", sched(self.step - 1), self.step)
+                    writer.add_scalar("train/samples_per_s", rate, self.step)
+            if self.step % cfg.checkpoint.every == 0 or self.step == total:
+                self.save()
+            every = cfg.validation.every
+            if (every and self.step % every == 0) or self.step == total:
+                self.validate(writer)
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        seconds = time.perf_counter() - started
+        summary = {"steps": self.step, "seconds": seconds, "history": history, "output": str(self.out)}
+        if self.env.rank == 0:
+            previous = self.out / "train.json"
+            if previous.exists():  # a resumed run: the curve goes on from where the last one stopped
+                before = json.loads(previous.read_text()).get("history", [])
+                history[:0] = [h for h in before if h["step"] < (history[0]["step"] if history else 1 << 62)]
+            (self.out / "train.json").write_text(json.dumps(summary, indent=2))
+            from curate.train.report import write_train_report
+
+            summary["report"] = str(write_train_report(self.out, history))
+        if self.env.world > 1:
+            torch.distributed.barrier()
+        return summary
+
+    def _mark(self, batch: dict[str, Any]) -> None:
+        mine = self.consumed.setdefault(str(self.env.rank), {})
+        mine[str(batch["worker"])] = int(batch["number"]) + 1
+
+    def _bar(self, total: int):
+        if not self.progress or self.env.rank != 0:
+            return None
+        return _Bar(total, self.step)
+
+    def save(self) -> None:
+        consumed = self.consumed
+        if self.env.world > 1:
+            gathered: list[Any] = [None] * self.env.world
+            torch.distributed.all_gather_object(gathered, consumed.get(str(self.env.rank), {}))
+            consumed = {str(r): c for r, c in enumerate(gathered)}
+        if self.env.rank != 0:
+            return
+        state = {
+            "config": self.cfg.to_dict(),
+            "consumed": consumed,
+            "text_encoder": {"name": self.gen.text.name, "run_clip": self.run_clip},
+            "clip_dim": self.gen.clip_dim,
+            "world": self.env.world,
+        }
+        save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, state, self.cfg.checkpoint.keep)
+
+    def validate(self, writer=None) -> dict[str, Any] | None:
+        if self.env.rank != 0:
+            return None
+        from curate.train.validate import validate
+
+        denoiser = self.ema if self.ema is not None else self.model
+        result = validate(self, denoiser, self.step)
+        if writer is not None:
+            for key, value in result.get("metrics", {}).items():
+                if isinstance(value, int | float):
+                    writer.add_scalar(f"val/{key}", value, self.step)
+            if result.get("grid") is not None:
+                writer.add_image("val/samples", result["grid"], self.step, dataformats="HWC")
+        return result
+
+
+class _Bar:
+    """A rich progress bar for the steps, with the loss."""
+
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps, loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, loss="-")
+
+    def update(self, n: int, loss: float) -> None:
+        self.progress.update(self.task, advance=n, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def train(cfg: TrainConfig, say=print, progress: bool = True) -> dict[str, Any]:
+    return Trainer(cfg, say, progress).run()
