@@ -21,7 +21,8 @@ def test_demo_matches_its_ground_truth(tmp_path, cli, executor, request):
         request.getfixturevalue("ray_cluster")
     clip = make_tiny_clip(tmp_path / "clip")
     (clip / "curate_calibration.json").write_text(json.dumps({"threshold": 0.05}))
-    r = cli("demo", "--output", tmp_path / "demo", "--size", 150, "--clip", clip, "--executor", executor)
+    args = ("--size", 150, "--clip", clip, "--executor", executor, "--train-steps", 0)
+    r = cli("demo", "--output", tmp_path / "demo", *args)
     assert r.code == 0, r
     line = next(x for x in r.out.splitlines() if x.startswith("download statuses match"))
     agree, checked = line.split(" for ")[1].split(" ")[0].split("/")

@@ -123,9 +123,15 @@ def print_caption_sample(sample: dict, console: Console) -> None:
 
 
 def run_demo(
-    output: str, size: int, executor: str | None, console: Console, clip: str | None = None
+    output: str,
+    size: int,
+    executor: str | None,
+    console: Console,
+    clip: str | None = None,
+    train_steps: int | None = None,
 ) -> tuple[RunSummary, dict]:
-    """Build, serve and curate the world; ``clip`` is a trained CLIP folder to use instead of the demo's."""
+    """Build, serve and curate the world; ``clip`` is a trained CLIP folder to use instead of the demo's.
+    ``train_steps`` (0 skips it; None: the config's) trains on the curated and on the raw shards and compares."""
     from curate.demo.tiny_clip import CALIBRATION_FILE
 
     out = Path(output)
@@ -160,6 +166,11 @@ def run_demo(
         console.print(f"serving it at {server.url}; running {demo_pipeline().name}")
         config = load_config(demo_pipeline(), overrides)
         summary = run_pipeline(config, overwrite=True, console=console)
+        raw = None
+        if train_steps != 0:
+            from curate.demo.train_compare import raw_run
+
+            raw = raw_run(out, written["input"], server.host_port, console)
     report = check_against_truth(out / "run", written["truth"])
     report["scores"] = score_report(out / "run", written["truth"], config)
     report["dedup"] = dedup_report(out / "run", written["truth"])
@@ -172,6 +183,11 @@ def run_demo(
         report["index"] = demo_index(out / "run", out / "index", say)
     except Exception as e:  # the run's results above stand; an index problem must not hide them
         console.print(f"[yellow]retrieval index not built:[/yellow] {e}", highlight=False)
+    if raw is not None:
+        from curate.demo.train_compare import print_comparison, train_pair
+
+        report["training"] = train_pair(out, out / "run", raw, console, steps=train_steps)
+        print_comparison(report["training"], console)
     return summary, report
 
 
