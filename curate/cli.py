@@ -101,16 +101,38 @@ def describe(
     pipeline: PipelineArg,
     sets: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    cpus: Annotated[
+        float | None,
+        typer.Option(help="CPUs of the Ray cluster to plan for (default: executor.num_cpus or here)."),
+    ] = None,
+    gpus: Annotated[
+        float | None,
+        typer.Option(help="GPUs of the Ray cluster to plan for (default: executor.num_gpus or 0)."),
+    ] = None,
 ) -> None:
-    """Show the plan: stages, the columns each reads and writes, resources, phases, shards."""
+    """Show the plan: stages, the columns each reads and writes, resources, phases, shards, and the Ray
+    operators (task groups, actor pools and their sizes) on a cluster of --cpus and --gpus."""
+    import os
+
+    from curate.executors.plan import plan
     from curate.pipeline import Pipeline
 
     config = _load(pipeline, sets)
     p = Pipeline(config)
     columns = p.check()
     stages = p.describe()
+    total_cpus = cpus if cpus is not None else config.executor.num_cpus or os.cpu_count() or 1
+    total_gpus = gpus if gpus is not None else config.executor.num_gpus or 0
+    ray_plan = [[op.to_dict() for op in plan(phase, total_cpus, total_gpus)] for phase in p.phases()]
     if as_json:
-        out.print_json(json.dumps({"name": config.name, "stages": stages, "columns": columns}))
+        cluster = {"cpus": total_cpus, "gpus": total_gpus}
+        doc = {
+            "name": config.name,
+            "stages": stages,
+            "columns": columns,
+            "ray": {"cluster": cluster, "phases": ray_plan},
+        }
+        out.print_json(json.dumps(doc))
         return
     out.print(
         f"[bold]{config.name}[/bold]: {config.executor.kind} executor, {config.shard_size:,} rows a shard, "
@@ -129,6 +151,11 @@ def describe(
     mode, column = config.output.caption_source()
     text = f"column {column!r}" if column else f"train_caption: {mode}"
     out.print(f"output: {config.output.path} (training text: {text})")
+    out.print(f"under Ray, on a cluster of {total_cpus:g} CPUs and {total_gpus:g} GPUs (--cpus, --gpus):")
+    for index, phase in enumerate(p.phases()):
+        out.print(f"  phase {index}:")
+        for op in plan(phase, total_cpus, total_gpus):
+            out.print(f"    {op.describe()}", markup=False, highlight=False)
 
 
 @app.command()

@@ -159,6 +159,14 @@ class Resources(StrictModel):
     concurrency: int | tuple[int, int] | None = Field(None, description="actors: a size or (min, max)")
     batch_size: int | None = Field(None, gt=0)
 
+    @field_validator("concurrency")
+    @classmethod
+    def _positive_range(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        low, high = (v, v) if isinstance(v, int) else v or (1, 1)
+        if low < 1 or high < low:
+            raise ValueError(f"concurrency must be a size >= 1 or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
 
 _RESERVED_STAGE_KEYS = ("stage", "name", "resources")
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from curate.config import ConfigError, ExecutorConfig
 from curate.executors import OnResult
+from curate.executors.plan import actor_pools, actor_sizing, groups
 from curate.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.reader import ShardSpec
 
@@ -134,17 +135,6 @@ def _stderr_kept_on_error() -> Iterator[None]:
             os.close(saved)
 
 
-def _groups(stages: list[BoundStage]) -> list[list[BoundStage]]:
-    """Consecutive task stages together; each actor stage alone."""
-    groups: list[list[BoundStage]] = []
-    for bound in stages:
-        if bound.resources.needs_actor or not groups or groups[-1][-1].resources.needs_actor:
-            groups.append([bound])
-        else:
-            groups[-1].append(bound)
-    return groups
-
-
 class RayExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
@@ -241,23 +231,11 @@ class RayExecutor:
             pending = [by_id[r.shard] for r in failed]
 
     def _actor_sizing(self, bound: BoundStage, pools: int = 1) -> dict[str, Any]:
-        """Actor pool size and per-actor resources. The ``pools`` actor pools of a phase share what is left
-        after one CPU for the read and write tasks: several model stages on a small node each get a
-        fraction of a CPU rather than together asking for more than there is, which never starts."""
+        """Actor pool size and per-actor resources on this cluster (``curate.executors.plan``)."""
         import ray
 
-        res = bound.resources
-        total_cpus = ray.cluster_resources().get("CPU", 1)
-        if res.concurrency is not None:
-            concurrency = res.concurrency
-        elif res.gpus > 0:
-            total_gpus = ray.cluster_resources().get("GPU", 0)
-            concurrency = max(1, int(total_gpus // res.gpus))
-        else:
-            # Leave a CPU for the read and write tasks: actors holding every CPU starve them and hang.
-            concurrency = (1, max(1, int((total_cpus - 1) // max(res.cpus, 1e-3))))
-        cpus = min(res.cpus, max(total_cpus - 1, 0.5) / max(pools, 1))
-        return {"concurrency": concurrency, "num_cpus": cpus, "num_gpus": res.gpus or None}
+        total = ray.cluster_resources()
+        return actor_sizing(bound.resources, total.get("CPU", 1), total.get("GPU", 0), pools, bound.name)
 
     def _run_once(self, job: PhaseJob, specs: list[ShardSpec]) -> Iterator[ShardResult]:
         import ray
@@ -268,9 +246,9 @@ class RayExecutor:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         common = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
         ds = ds.map_batches(_Load(job), num_cpus=1, **common)
-        groups = _groups(job.stages)
-        pools = sum(1 for g in groups if g[0].resources.needs_actor and g[0].resources.gpus == 0)
-        for group in groups:
+        stage_groups = groups(job.stages)
+        pools = actor_pools(stage_groups)
+        for group in stage_groups:
             if group[0].resources.needs_actor:
                 sizing = self._actor_sizing(group[0], pools)
                 ds = ds.map_batches(_ApplyActor, fn_constructor_args=(job, group), **sizing, **common)
