@@ -77,12 +77,13 @@ def find_shards(sources: list[str]) -> list[str]:
                 raise TrainDataError(f"{source} is a file but not a .tar shard")
             found = [root]
         elif fs.isdir(root):
-            folder = f"{root}/shards" if fs.exists(f"{root}/run.json") else root
+            run = fs.exists(f"{root}/run.json")
+            folder = f"{root}/shards" if run else root
             stats = fs.glob(f"{folder}/*_stats.json")
-            # a curate run's shards: only the finished ones
-            found = (
-                [s[: -len("_stats.json")] + ".tar" for s in stats] if stats else fs.glob(f"{folder}/*.tar")
-            )
+            # A curate run's shards: only the finished ones (the stats file is written last), never a tar a
+            # killed writer left; a plain folder of tars: all of them.
+            finished = [s[: -len("_stats.json")] + ".tar" for s in stats]
+            found = finished if run or stats else fs.glob(f"{folder}/*.tar")
         else:
             found = fs.glob(root)
         found = sorted(p for p in found if p.endswith(".tar"))

@@ -135,6 +135,19 @@ def _stderr_kept_on_error() -> Iterator[None]:
             os.close(saved)
 
 
+_STORAGE_ENV = ("AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's object-storage settings (endpoint, region, credentials) that the workers need to read
+    and write s3:// or gs:// paths as the driver does. Forwarded as the job's runtime environment, so they
+    show in Ray's task specs (the dashboard): on a shared cluster prefer node-level credentials (an IAM
+    role, the pod's environment) and ``CURATE_FORWARD_STORAGE_ENV=0``."""
+    if os.environ.get("CURATE_FORWARD_STORAGE_ENV", "1") == "0":
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(_STORAGE_ENV)}
+
+
 class RayExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
@@ -179,6 +192,8 @@ class RayExecutor:
             }
             if address is None:
                 kwargs.update(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus)
+            if storage_env():
+                kwargs["runtime_env"] = {"env_vars": storage_env()}
             with _stderr_kept_on_error():  # ray.init announces the log level it read, on fd 2
                 ray.init(address=address, **kwargs)
             self._started = True
@@ -244,7 +259,9 @@ class RayExecutor:
             {"shard": json.dumps(s.to_dict()), "data": b"", "timings": "{}", "error": None} for s in specs
         ]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        common = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
+        common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
+        if storage_env():  # also reaches a cluster that was running before this driver
+            common["runtime_env"] = {"env_vars": storage_env()}
         ds = ds.map_batches(_Load(job), num_cpus=1, **common)
         stage_groups = groups(job.stages)
         pools = actor_pools(stage_groups)
