@@ -114,3 +114,15 @@ def world_server():
     with WorldServer() as server:
         world.serve(server)
         yield world, server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): with
+    the other core busy (Ray, the HTTP server), torch's default two threads make small models ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
