@@ -318,6 +318,59 @@ def report_(output: Annotated[str, typer.Argument(help="The output folder of a r
     out.print(f"report: {written.html_path}\nnumbers: {written.json_path}")
 
 
+@app.command()
+def takedown(
+    output: Annotated[str, typer.Argument(help="The output folder of a finished run.")],
+    uids: Annotated[
+        str | None, typer.Option(help="A file of uids to remove, one per line (# comments), or a .parquet.")
+    ] = None,
+    hashes: Annotated[
+        str | None,
+        typer.Option(
+            help="A file of sha256 (64 hex) and/or pHash (16 hex) lines; sha256:/phash: prefixes allowed."
+        ),
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="A retrieval index to remove them from too (default OUTPUT/index if any)."),
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why: recorded in OUTPUT/takedown/audit.jsonl.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the audit record as JSON.")] = False,
+) -> None:
+    """Remove samples from a finished run: tar members, dropped/ thumbnails and index vectors go; sidecar rows
+    stay, marked drop_reason=takedown with their URL, captions and embeddings nulled; stats are recounted.
+    Every file is replaced atomically, an audit line is appended last, and a rerun completes a killed one."""
+    from curate.takedown import read_request
+    from curate.takedown import takedown as take_down
+
+    if (uids is None) == (hashes is None):
+        raise ConfigError(
+            [("--uids/--hashes", "give exactly one of --uids FILE and --hashes FILE")], what="takedown"
+        )
+    wanted, listed = read_request(uids, hashes)
+    record = take_down(
+        output,
+        uids=wanted,
+        hashes=listed,
+        reason=reason,
+        index=index,
+        source=uids or hashes,
+        progress=out.print,
+    )
+    if as_json:
+        out.print_json(json.dumps(record))
+        return
+    changed = [f["path"] for f in record["files"] if f.get("sha256_before") != f.get("sha256_after")]
+    out.print(
+        f"takedown: {len(record['found'])} row(s) matched, {len(changed)} file(s) rewritten"
+        + ("" if record["removed_anything"] else "; nothing left to remove (already taken down)")
+    )
+    for uid in record["not_found"]:
+        out.print(f"[yellow]not found:[/yellow] {uid}")
+    for h in record["hashes_not_found"]:
+        out.print(f"[yellow]no row has:[/yellow] {h}")
+
+
 @app.command("train")
 def train_(
     config: Annotated[str, typer.Argument(help="The training YAML (see pipelines/train_demo.yaml).")],

@@ -15,7 +15,6 @@ blocks of ``block`` rows so a big cluster never needs more than ``block * cluste
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate.hashing import hamming
+from curate.hashing import chunk_bounds, chunk_values, hamming
 
 __all__ = [
     "KIND_PERCEPTUAL",
@@ -132,16 +131,11 @@ def perceptual_pairs(hashes: np.ndarray, rows: np.ndarray, max_distance: int) ->
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) < 2:
         return Pairs.empty()
-    chunks = max_distance + 1
-    bounds = np.linspace(0, 64, chunks + 1).round().astype(int)
     found_a: list[np.ndarray] = []
     found_b: list[np.ndarray] = []
     found_d: list[np.ndarray] = []
-    for lo, hi in itertools.pairwise(bounds):
-        width = hi - lo
-        if width == 0:
-            continue
-        key = (hashes >> np.uint64(lo)) & np.uint64((1 << width) - 1)
+    for lo, hi in chunk_bounds(max_distance):
+        key = chunk_values(hashes, lo, hi)
         order = np.argsort(key, kind="stable")
         sk = key[order]
         cuts = np.flatnonzero(np.diff(sk)) + 1

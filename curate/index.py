@@ -46,6 +46,7 @@ __all__ = [
     "auto_factory",
     "build_index",
     "parse_size",
+    "remove_from_index",
     "rerank_factor",
     "search",
 ]
@@ -457,7 +458,11 @@ def build_index(
     if chosen != "Flat":
         say(f"measuring recall@10 against exact search on up to {recall_sample:,} queries")
     recall = tune(
-        index, chosen, [np.load(folder / p["embeddings"], mmap_mode="r") for p in parts], recall_sample, seed
+        index,
+        chosen,
+        [np.load(folder / p["embeddings"], mmap_mode="r", allow_pickle=False) for p in parts],
+        recall_sample,
+        seed,
     )
     if recall.get("params"):
         faiss.ParameterSpace().set_index_parameters(index, recall["params"])
@@ -545,7 +550,7 @@ def add_to_index(
         info["next_part"] += 1
         part["source"] = source
         info["parts"].append(part)
-        parts = [np.load(folder / p["embeddings"], mmap_mode="r") for p in info["parts"]]
+        parts = [np.load(folder / p["embeddings"], mmap_mode="r", allow_pickle=False) for p in info["parts"]]
         info["expected_recall"] = tune(index, info["factory"], parts, recall_sample, 0)
         info["search_params"] = info["expected_recall"].get("params", "")
         old = folder / info["faiss_file"]
@@ -617,12 +622,12 @@ class Neighbor:
 
     @property
     def image(self) -> bytes:
-        assert self._retriever is not None
+        assert self._retriever is not None  # noqa: S101 - type narrowing; set by the Retriever that made it
         return self._retriever.image_bytes(self.uid)
 
     @property
     def embedding(self) -> np.ndarray:
-        assert self._retriever is not None
+        assert self._retriever is not None  # noqa: S101 - type narrowing; set by the Retriever that made it
         return self._retriever.embedding(self.id)
 
     def to_dict(self) -> dict[str, Any]:
@@ -659,7 +664,10 @@ class Retriever:
         if self.info.get("search_params"):
             faiss.ParameterSpace().set_index_parameters(self.index, self.info["search_params"])
         self.meta = pa.concat_tables([pq.read_table(self.folder / p["metadata"]) for p in self.info["parts"]])
-        self._parts = [np.load(self.folder / p["embeddings"], mmap_mode="r") for p in self.info["parts"]]
+        self._parts = [
+            np.load(self.folder / p["embeddings"], mmap_mode="r", allow_pickle=False)
+            for p in self.info["parts"]
+        ]
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
         self._row_of_uid = {u: i for i, u in reversed(list(enumerate(self.meta["uid"].to_pylist())))}
         self._cols = {c: self.meta[c].to_pylist() for c in self.meta.column_names}
@@ -795,3 +803,76 @@ def describe_index(info: dict[str, Any]) -> str:
         "exact search" if r.get("exact") else f"expected recall@10 {r['recall_at_10']:.3f} ({r['params']})"
     )
     return f"{info['count']:,} vectors of dimension {info['dimension']}, factory {info['factory']}, {recall}"
+
+
+# --- takedown -----------------------------------------------------------------------------------------
+
+
+def remove_from_index(index_path: str | Path, uids: set[str]) -> dict[str, Any]:
+    """Remove the samples with these uids from an index: their vectors, metadata rows and embeddings.
+
+    FAISS ids are row numbers over the parts, so every part from the first one touched is written again
+    under a new name with the remaining rows (ids renumbered), and the trained FAISS index is emptied
+    (``reset()``, no retraining) and given the remaining float16 vectors again: for ``Flat`` exactly the index
+    a build without those samples makes. ``index.json`` is written last and the old files go after it, so a
+    takedown killed midway leaves the index as it was. Returns ``{"removed": [uids], "files": [...]}``."""
+    faiss = _faiss()
+    folder = Path(index_path)
+    info = _read_json(folder)
+    metas = [pq.read_table(folder / p["metadata"]) for p in info["parts"]]
+    hits = [np.isin(np.asarray(m["uid"].to_pylist(), object), list(uids)) for m in metas]
+    removed = sorted(
+        {u for m, h in zip(metas, hits, strict=True) for u in np.asarray(m["uid"].to_pylist())[h]}
+    )
+    if not removed:
+        return {"removed": [], "files": []}
+    first_touched = next(i for i, h in enumerate(hits) if h.any())
+    parts, vectors, files, next_id = [], [], [], 0
+    for i, (p, meta, hit) in enumerate(zip(info["parts"], metas, hits, strict=True)):
+        emb = np.load(folder / p["embeddings"], allow_pickle=False)
+        if i < first_touched:
+            parts.append(p)
+            vectors.append(emb)
+            next_id += len(emb)
+            continue
+        meta, emb = meta.filter(pa.array(~hit)), emb[~hit]
+        if not len(emb):
+            continue
+        meta = meta.set_column(0, "id", pa.array(np.arange(next_id, next_id + len(emb)), pa.int64()))
+        name = f"{info['next_part']:05d}"
+        info["next_part"] += 1
+        pq.write_table(meta, folder / "metadata" / f"{name}.parquet.tmp", compression="zstd")
+        (folder / "metadata" / f"{name}.parquet.tmp").replace(folder / "metadata" / f"{name}.parquet")
+        with open(folder / "embeddings" / f"{name}.npy.tmp", "wb") as f:
+            np.save(f, np.ascontiguousarray(emb, np.float16))
+        (folder / "embeddings" / f"{name}.npy.tmp").replace(folder / "embeddings" / f"{name}.npy")
+        new = {
+            "metadata": f"metadata/{name}.parquet",
+            "embeddings": f"embeddings/{name}.npy",
+            "count": len(emb),
+        }
+        parts.append({**p, **new})
+        files.append(
+            {"replaced": [p["metadata"], p["embeddings"]], "by": [new["metadata"], new["embeddings"]]}
+        )
+        vectors.append(emb)
+        next_id += len(emb)
+    for p in info["parts"][first_touched:]:
+        if not any(p["metadata"] in f["replaced"] for f in files):
+            files.append({"replaced": [p["metadata"], p["embeddings"]], "by": []})
+    index = faiss.read_index(str(folder / info["faiss_file"]))
+    index.reset()  # keeps the training (coarse quantizer, codebooks)
+    for v in vectors:
+        _add_batches(index, v)
+    old = {folder / info["faiss_file"]} | {
+        folder / name for p in info["parts"][first_touched:] for name in (p["metadata"], p["embeddings"])
+    }
+    info["generation"] += 1
+    info["faiss_file"] = _save_index(folder, index, info["generation"])
+    info["count"] = int(index.ntotal)
+    info["parts"] = parts
+    info["taken_down"] = info.get("taken_down", 0) + len(removed)
+    _write_json(folder, info)
+    for p in old:
+        p.unlink(missing_ok=True)
+    return {"removed": removed, "files": files}

@@ -19,6 +19,7 @@ def register(cls: type[Stage]) -> type[Stage]:
 def _register_builtin() -> None:
     from curate.stages.aesthetic import Aesthetic
     from curate.stages.basic_filter import BasicFilter
+    from curate.stages.blocklist import Blocklist
     from curate.stages.clip_score import ClipScore
     from curate.stages.dedup import Dedup
     from curate.stages.download import Download
@@ -31,6 +32,7 @@ def _register_builtin() -> None:
     for cls in (
         BasicFilter,
         Download,
+        Blocklist,
         ClipScore,
         Nsfw,
         Watermark,

@@ -1,0 +1,142 @@
+"""Drop images whose hash is on a blocklist (CSAM hash lists, takedown lists), and keep no trace of their pixels.
+
+    - stage: download
+    - stage: blocklist                 # right after download: no later stage ever sees a blocked image
+      sha256: [lists/known.txt]        # one hex digest per line (# comments), or a .parquet with a sha256 column
+      phash: [lists/known_phash.txt]   # 16 hex digits per line, or a .parquet with a phash column
+      max_distance: 0                  # pHash bits that may differ: 0 = exact; up to 8 (Hamming distance)
+      flips: true                      # also match the mirror image's hash (phash_mirror): flipped copies
+
+A hash list can only match what has been downloaded: ``sha256`` is of the downloaded bytes and ``phash`` of
+the stored image, both written by the download stage, so this stage comes after it (the column check says
+so otherwise). Put it directly after download: the blocked bytes then never reach a scoring model, a
+captioner, a phase file under ``work/`` or the ``dropped/`` audit thumbnails.
+
+Every row with a matching hash (kept or already dropped) gets ``blocklist_match`` (``sha256:<list>``,
+``phash:<list>`` or ``phash_mirror:<list>``: what matched, in which list) and ``blocklist_distance``, and its
+``image`` bytes are removed; a kept row also gets ``drop_reason = blocklisted``, a row dropped before keeps
+its reason. Lists load in ``setup()``, once per worker, and are checked when the config is (a missing file or
+a bad line fails the run before any work, naming ``file:line``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator, model_validator
+
+from curate.blocklist import read_hash_list
+from curate.config import StrictModel
+from curate.hashing import HashIndex, hex_to_uint64
+from curate.schema import Column, declare
+from curate.stage import Stage, StageResources, drop
+
+REASON = "blocklisted"
+
+for _c in [
+    Column(
+        "blocklist_match",
+        pa.string(),
+        "blocklist",
+        "what matched a blocklist, and which: sha256:<list>, phash:<list> or phash_mirror:<list>; null if none",
+    ),
+    Column("blocklist_distance", pa.int32(), "blocklist", "pHash bits off the listed hash (0 for sha256)"),
+]:
+    declare(_c)
+
+
+class BlocklistConfig(StrictModel):
+    sha256: list[str] = Field(
+        default_factory=list, description="files of sha256 digests of the downloaded bytes (text or .parquet)"
+    )
+    phash: list[str] = Field(default_factory=list, description="files of 64-bit pHashes, 16 hex digits")
+    max_distance: int = Field(0, ge=0, le=8, description="pHash bits that may differ; 0 = exact")
+    flips: bool = Field(True, description="also match phash_mirror: flipped copies")
+
+    @field_validator("sha256", "phash")
+    @classmethod
+    def _readable(cls, paths: list[str], info) -> list[str]:
+        for path in paths:
+            read_hash_list(path, info.field_name)  # a missing file or bad line fails now, with file:line
+        return paths
+
+    @model_validator(mode="after")
+    def _some_list(self) -> BlocklistConfig:
+        if not self.sha256 and not self.phash:
+            raise ValueError("give at least one list: sha256: [paths] and/or phash: [paths]")
+        return self
+
+
+class Blocklist(Stage):
+    """Drops rows whose ``sha256`` or pHash is on a list, as ``blocklisted``, and removes their image bytes."""
+
+    name = "blocklist"
+    Config = BlocklistConfig
+    writes = ("drop_reason", "image", "blocklist_match", "blocklist_distance")
+    resources = StageResources(cpus=1)
+
+    config: BlocklistConfig
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        c = self.config
+        cols = ["status"] + (["sha256"] if c.sha256 else []) + (["phash"] if c.phash else [])
+        return tuple(cols + (["phash_mirror"] if c.phash and c.flips else []))
+
+    def setup(self) -> None:
+        self._digests: dict[str, str] = {}
+        for path in self.config.sha256:
+            for d in read_hash_list(path, "sha256"):
+                self._digests.setdefault(d, path)  # the first list that names a digest is the one reported
+        hashes, sources = [], []
+        for path in self.config.phash:
+            listed = read_hash_list(path, "phash")
+            hashes += listed
+            sources += [path] * len(listed)
+        self._phash_source = sources
+        self._phashes = HashIndex(hex_to_uint64(hashes), self.config.max_distance)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if not hasattr(self, "_phashes"):
+            self.setup()
+        n = table.num_rows
+        match: list[str | None] = [None] * n
+        distance = np.full(n, -1, np.int32)
+        ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
+        if self._digests:
+            listed = pc.and_(
+                ok, pc.is_in(table["sha256"], value_set=pa.array(list(self._digests), pa.string()))
+            )
+            digests = table["sha256"].to_pylist()
+            for i in np.flatnonzero(pc.fill_null(listed, False).to_numpy(zero_copy_only=False)):
+                match[i], distance[i] = f"sha256:{self._digests[digests[i]]}", 0
+        if len(self._phashes):
+            columns = ["phash"] + (["phash_mirror"] if self.config.flips else [])
+            for column in columns:
+                values = table[column]
+                rows = np.flatnonzero(pc.and_(ok, pc.is_valid(values)).to_numpy(zero_copy_only=False))
+                if not len(rows):
+                    continue
+                found, dist = self._phashes.nearest(hex_to_uint64(values.take(rows).to_pylist()))
+                for r, f, d in zip(rows, found, dist, strict=True):
+                    # sha256 first; between the two pHashes the closer one (the plain hash on a tie)
+                    if f >= 0 and (match[r] is None or (distance[r] > d and not match[r].startswith("sha"))):
+                        match[r], distance[r] = f"{column}:{self._phash_source[f]}", d
+        hit = pa.array([m is not None for m in match], pa.bool_())
+        table = drop(table, hit, REASON)
+        if "image" in table.column_names:
+            image = pc.if_else(hit, pa.scalar(None, table.schema.field("image").type), table["image"])
+            table = table.set_column(table.schema.get_field_index("image"), "image", image)
+        added = {
+            "blocklist_match": pa.array(match, pa.string()),
+            "blocklist_distance": pa.array(
+                np.where(distance >= 0, distance, 0), pa.int32(), mask=distance < 0
+            ),
+        }
+        for name, array in added.items():
+            if name in table.column_names:
+                table = table.set_column(table.schema.get_field_index(name), name, array)
+            else:
+                table = table.append_column(name, array)
+        return table
