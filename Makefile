@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint format bench clean
+.PHONY: test demo lint format bench audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Supply chain and code security: known vulnerabilities of every installed package (PyPI's advisory data;
+# --strict fails when a package could not be checked, rather than passing silently), then ruff's
+# flake8-bandit rules over the package code. Needs network access to pypi.org.
+audit: $(STAMP)
+	$(BIN)/pip-audit --strict --skip-editable --vulnerability-service pypi --progress-spinner off
+	$(BIN)/ruff check --select S curate stages train
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_executors.py

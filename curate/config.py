@@ -59,11 +59,20 @@ class StrictModel(BaseModel):
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "txt"]
 
 
+DEFAULT_MAX_CAPTION_CHARS = 2000
+
+
 class InputConfig(StrictModel):
     path: str = Field(description="file, glob or directory; local or any fsspec URL")
     format: InputFormat | None = Field(None, description="inferred from the file suffix when absent")
     url_col: str = "url"
     caption_col: str | None = Field("caption", description="null for inputs with no caption (txt)")
+    max_caption_chars: int | None = Field(
+        DEFAULT_MAX_CAPTION_CHARS,
+        gt=0,
+        description="a longer caption is cut to this many characters and flagged in caption_truncated; "
+        "null: no limit",
+    )
 
 
 class CaptionMix(StrictModel):
@@ -207,7 +216,14 @@ class PipelineConfig(StrictModel):
 
     def output_relevant(self) -> dict[str, Any]:
         return {
-            "input": self.input.model_dump(mode="json"),
+            # max_caption_chars counts only when set to another value: fingerprints of runs made before it
+            # existed stay valid.
+            "input": self.input.model_dump(
+                mode="json",
+                exclude={"max_caption_chars"}
+                if self.input.max_caption_chars == DEFAULT_MAX_CAPTION_CHARS
+                else None,
+            ),
             "output": self.output.caption_relevant()
             | ({} if self.output.dropped_thumbnails else {"dropped_thumbnails": False}),
             "shard_size": self.shard_size,

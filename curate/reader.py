@@ -7,12 +7,27 @@ metadata; text formats whole), and a worker reads only its shard's rows.
 Every input row comes out as one row of a shard table: a row whose URL is null or unusable is kept with
 ``status=invalid_url``, a repeat of an earlier (url, caption) pair in the same shard with
 ``status=duplicate_row``. Nothing is dropped silently. Blank lines of a ``txt`` input are not rows.
+
+Text inputs are decoded as UTF-8; invalid bytes become U+FFFD (as do binary parquet columns read as text),
+never an error. A CSV/TSV row with the wrong number of fields, or a quoted value that is never closed (which
+would swallow every following row into one caption), is an :class:`InputError` naming the file and line.
+
+Every caption is cleaned as it is read (:func:`clean_caption`): NFC, lone surrogates replaced by U+FFFD,
+control characters (NUL, C0, DEL, C1) removed except tab, newline and carriage return; other white space is
+kept as it is. A caption longer than ``input.max_caption_chars`` is cut to that many characters and flagged
+in ``caption_truncated``. The ``uid`` is computed from the caption *as read*, before cleaning, so uids (and
+resumed runs, dedup decisions and indexes that name them) are the same as before cleaning existed, and two
+inputs that differ only beyond the cut keep distinct uids.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import functools
 import io
+import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -26,7 +41,7 @@ import pyarrow.parquet as pq
 from curate.config import InputConfig
 from curate.schema import COLUMNS, CORE_COLUMNS, uid_for
 
-__all__ = ["InputError", "InputReader", "Segment", "ShardSpec", "format_of"]
+__all__ = ["InputError", "InputReader", "Segment", "ShardSpec", "clean_caption", "format_of"]
 
 _SUFFIXES = {
     ".parquet": "parquet",
@@ -202,16 +217,32 @@ class InputReader:
             if fmt == "txt":
                 lines = [ln.strip() for ln in data.decode("utf-8", errors="replace").splitlines()]
                 return pa.table({c.url_col: pa.array([ln for ln in lines if ln], pa.string())})
-            strings = {col: pa.string() for col in (c.url_col, c.caption_col) if col}
-            if fmt in ("csv", "tsv"):
-                return pacsv.read_csv(
-                    io.BytesIO(data),
-                    parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                    convert_options=pacsv.ConvertOptions(column_types=strings),
-                )
-            return pajson.read_json(io.BytesIO(data))
+            data = _valid_utf8(data)
+            if fmt == "jsonl":
+                return pajson.read_json(io.BytesIO(data))
         except (pa.ArrowException, OSError, UnicodeError) as e:
             raise InputError(f"{path}: not readable as {fmt}: {e}") from None
+        delimiter = "\t" if fmt == "tsv" else ","
+        strings = {col: pa.string() for col in (c.url_col, c.caption_col) if col}
+        try:
+            # newlines_in_values: a quoted caption may span lines; without it Arrow accepts that only
+            # within one parse block, so the same file would read differently depending on its size.
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types=strings),
+            )
+        except (pa.ArrowException, OSError) as e:
+            where = _csv_bad_line(data, delimiter)
+            raise InputError(f"{path}: not readable as {fmt}: {where + ': ' if where else ''}{e}") from None
+        if _any_multiline(table):
+            line = _unclosed_quote_line(data, delimiter)
+            if line is not None:
+                raise InputError(
+                    f"{path}: not readable as {fmt}: line {line}: a quoted value is never closed; it would "
+                    "swallow every following line"
+                )
+        return table
 
     # --- normalising -----------------------------------------------------------------------------
 
@@ -242,10 +273,13 @@ class InputReader:
                 f"columns: {', '.join(raw.column_names)}"
             )
 
-        uids, statuses, errors = [], [], []
+        uids, statuses, errors, cleaned, truncated = [], [], [], [], []
         first_seen: dict[str, int] = {}
         for i, (url, caption) in enumerate(zip(urls, captions, strict=True)):
-            uid = uid_for(url, caption)
+            uid = uid_for(url, caption)  # the caption as read: see the module docstring
+            text, cut = clean_caption(caption, c.max_caption_chars)
+            cleaned.append(text)
+            truncated.append(cut)
             status, error = _check_url(url)
             if status == "ok":
                 if uid in first_seen:
@@ -261,10 +295,11 @@ class InputReader:
             "uid": pa.array(uids, pa.string()),
             "input_index": pa.array(range(first_row, first_row + n), pa.int64()),
             "url": pa.array(urls, pa.string()),
-            "caption": pa.array(captions, pa.string()),
+            "caption": pa.array(cleaned, pa.string()),
             "status": pa.array(statuses, pa.string()),
             "error": pa.array(errors, pa.string()),
             "drop_reason": pa.nulls(n, pa.string()),
+            "caption_truncated": pa.array(truncated, pa.bool_()),
         }
         for name in raw.column_names:
             if name not in self._input_keys():
@@ -273,9 +308,93 @@ class InputReader:
 
 
 def _as_strings(col: pa.ChunkedArray) -> list[str | None]:
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+    """The column's values as str; invalid UTF-8 (a binary column, or a parquet string column written
+    without validation) is decoded with U+FFFD, never an error."""
+    t = col.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return [None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()]
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         col = col.cast(pa.string())
-    return col.to_pylist()
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        return _as_strings(col.cast(pa.large_binary()))
+
+
+# C0 and C1 control characters and DEL, except tab, newline and carriage return; lone surrogates.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_caption(caption: str | None, max_chars: int | None) -> tuple[str | None, bool]:
+    """The caption as curate stores it, and whether it was cut.
+
+    NFC; lone surrogates (which no UTF-8 file can hold) become U+FFFD; control characters are removed
+    except tab, newline and carriage return; other white space is kept as it is (the uid folds it, the
+    caption keeps it). Then at most ``max_chars`` characters (code points; ``None``: no limit). Null stays
+    null and the empty string stays empty.
+    """
+    if caption is None:
+        return None, False
+    if not caption.isascii():
+        caption = _SURROGATE.sub("\ufffd", caption)
+        caption = unicodedata.normalize("NFC", caption)
+    caption = _CONTROL.sub("", caption)
+    if max_chars is not None and len(caption) > max_chars:
+        return caption[:max_chars], True
+    return caption, False
+
+
+def _valid_utf8(data: bytes) -> bytes:
+    """``data`` if it is valid UTF-8, else decoded with U+FFFD for every invalid byte and encoded again."""
+    check = codecs.getincrementaldecoder("utf-8")()
+    step = 16 << 20  # checks in 16 MB steps: no full-size copy of a valid file
+    try:
+        for pos in range(0, len(data), step):
+            check.decode(data[pos : pos + step])
+        check.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace").encode("utf-8")
+    return data
+
+
+def _csv_bad_line(data: bytes, delimiter: str) -> str | None:
+    """``line N`` of the first row whose field count differs from the header's (after Arrow refused the
+    file), or None when Python's csv module finds none."""
+    rows = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), delimiter=delimiter)
+    try:
+        width = len(next(rows))
+        for row in rows:
+            if row and len(row) != width:
+                return f"line {rows.line_num}"
+    except (csv.Error, StopIteration):
+        return f"line {rows.line_num}" if rows.line_num else None
+    return None
+
+
+def _any_multiline(table: pa.Table) -> bool:
+    import pyarrow.compute as pc
+
+    return any(
+        (pa.types.is_string(col.type) or pa.types.is_large_string(col.type))
+        and pc.any(pc.match_substring_regex(col, "[\r\n]")).as_py()
+        for col in table.columns
+    )
+
+
+def _unclosed_quote_line(data: bytes, delimiter: str) -> int | None:
+    """The line where a quoted value opens that runs to the end of the file, or None.
+
+    A quote opens a quoted value only at the start of a field (as Arrow reads it); ``""`` inside is a quote.
+    Only called when some value spans lines, so a clean file never pays for this scan.
+    """
+    text = data.decode("utf-8")
+    sep = re.escape(delimiter)
+    quoted = re.compile(f'(?:^|(?<=[{sep}\n]))"(?:[^"]|"")*("|\\Z)')
+    for m in quoted.finditer(text):
+        if not m.group(1):
+            return text.count("\n", 0, m.start()) + 1
+    return None
 
 
 def _check_url(url: str | None) -> tuple[str, str | None]:

@@ -58,11 +58,23 @@ for _c in [
         "input_index", pa.int64(), "input", "position of the row in the whole input (files in sorted order)"
     ),
     Column("url", pa.string(), "input", "image URL, from the input's url column"),
-    Column("caption", pa.string(), "input", "alt-text, from the input's caption column"),
+    Column(
+        "caption",
+        pa.string(),
+        "input",
+        "alt-text, from the input's caption column: NFC, control characters removed, cut to "
+        "input.max_caption_chars (see curate.reader.clean_caption)",
+    ),
     Column("status", pa.string(), "input", "'ok', or the reason code of the first failure"),
     Column("error", pa.string(), "input", "human-readable detail of a non-ok status; null when ok"),
     Column(
         "drop_reason", pa.string(), "input", "null while kept; else the first filter that dropped the row"
+    ),
+    Column(
+        "caption_truncated",
+        pa.bool_(),
+        "input",
+        "true when the input caption was longer than input.max_caption_chars and was cut",
     ),
     # Written by the download stage.
     Column("image", pa.binary(), "download", "the re-encoded image bytes (never written to parquet)"),
@@ -74,7 +86,7 @@ for _c in [
 ]:
     declare(_c)
 
-CORE_COLUMNS = ("uid", "input_index", "url", "caption", "status", "error", "drop_reason")
+CORE_COLUMNS = ("uid", "input_index", "url", "caption", "status", "error", "drop_reason", "caption_truncated")
 
 
 def canonical_order(names: list[str]) -> list[str]:
@@ -123,7 +135,9 @@ def uid_for(url: str | None, caption: str | None) -> str:
 
     ``sha256(normalise_url(url) + "\\n" + normalise_caption(caption))`` as hex, first 32 characters
     (128 bits). A URL that does not parse is hashed as given (stripped); a null URL as the empty string.
-    Identical (url, caption) pairs share a uid: the reader marks repeats within a shard.
+    Identical (url, caption) pairs share a uid: the reader marks repeats within a shard. The reader passes
+    the caption as read from the input, before its cleaning and length cut, so uids stay as they were
+    before the reader cleaned captions.
     """
     if url is None:
         norm = ""

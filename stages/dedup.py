@@ -441,7 +441,7 @@ class _Rows:
 
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """The vectors of ``rows`` (all with a vector): a view when they are the vectors in order."""
-        assert self.vectors is not None
+        assert self.vectors is not None  # noqa: S101 - type narrowing; callers pass rows with a vector
         vr = self.vector_row[rows]
         if len(vr) == len(self.vectors) and np.array_equal(vr, np.arange(len(vr))):
             return self.vectors

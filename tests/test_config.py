@@ -37,7 +37,7 @@ def write(tmp_path, doc):
         (
             lambda d: d["input"].update(fmt="csv"),
             "input.fmt",
-            "allowed here: caption_col, format, path, url_col",
+            "allowed here: caption_col, format, max_caption_chars, path, url_col",
         ),
         (lambda d: d.update(shard_size="many"), "shard_size", "valid integer"),
         (lambda d: d.update(shard_size=0), "shard_size", "greater than 0"),
