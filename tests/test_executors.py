@@ -28,6 +28,7 @@ def counts_without_timings(output):
     for p in sorted((output / "shards").glob("*_stats.json")):
         stats = json.loads(p.read_text())
         stats["stages"] = {k: v["kept"] for k, v in stats["stages"].items()}
+        stats.pop("node", None)  # under Ray: the node that wrote the shard
         out[p.name] = stats
     return out
 

@@ -9,7 +9,8 @@ import pytest
 from curate.config import load_config
 from curate.pipeline import Pipeline
 
-BUNDLED = sorted(p.name for p in files("curate.pipelines").iterdir() if p.name.endswith(".yaml"))
+YAMLS = sorted(p.name for p in files("curate.pipelines").iterdir() if p.name.endswith(".yaml"))
+BUNDLED = [n for n in YAMLS if not n.startswith("train_")]  # train_*.yaml are training configs
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -32,3 +33,11 @@ def test_bundled_pipeline_checks(tmp_path, name):
 
 def test_bundled_pipelines_are_found():
     assert {"demo.yaml", "laion_subset.yaml"} <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", [n for n in YAMLS if n.startswith("train_")])
+def test_bundled_training_configs_load(name):
+    from curate.train.config import load_train_config
+
+    cfg = load_train_config(str(files("curate.pipelines") / name), ["output=elsewhere"])
+    assert cfg.output == "elsewhere" and cfg.data.shards and cfg.schedule.steps > 0

@@ -4,7 +4,7 @@ A row carries the shard's id and spec, its table as Arrow IPC bytes, the stage t
 Consecutive stages without a model run as Ray tasks (Ray fuses them); each stage with a model (or GPUs)
 runs as an actor pool, so its ``setup()`` runs once per actor. An exception in a stage is caught per shard
 and travels as the row's error, so one bad shard never aborts the dataset; failed shards are retried in
-a new round, then reported.
+a new round, then reported. Each shard's stats file names the Ray node that wrote it (``node``).
 
 ``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked);
 ``executor.address`` or ``RAY_ADDRESS`` joins an existing one. A cluster that is already initialised in
@@ -14,6 +14,7 @@ this process (a test session's, a notebook's) is used as it is and left running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -108,11 +109,29 @@ class _ApplyActor(_Apply):
         job.setup(stages)
 
 
+class _NodeStampedWriter:
+    """The job's writer, adding to each shard's stats the Ray node that wrote it (``node``: id and IP)."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["writer"], name)
+
+    def write(self, shard_id: str, table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        node = {"id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+        return self.writer.write(shard_id, table, {**stats, "node": node})
+
+
 class _Sink(_ShardStep):
     """Task: write the shard; the row that comes back is small (its stats, no data)."""
 
     def step(self, row: dict[str, Any]) -> dict[str, Any]:
-        stats = self.job.sink(_spec(row), _from_ipc(row["data"]), json.loads(row["timings"]))
+        # Made here, on the worker: the stamp names the node that runs this task.
+        job = dataclasses.replace(self.job, writer=_NodeStampedWriter(self.job.writer))
+        stats = job.sink(_spec(row), _from_ipc(row["data"]), json.loads(row["timings"]))
         return {"data": b"", "timings": json.dumps(stats)}
 
 
