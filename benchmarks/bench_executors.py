@@ -66,6 +66,7 @@ def main() -> None:
     args = ap.parse_args()
 
     times: dict[str, list[float]] = {k: [] for k in KINDS}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         curate.testing.make_input(tmp / "in.parquet", args.rows, bad_every=23)
@@ -119,6 +120,7 @@ def main() -> None:
             f"{kind} / local (medians): {ratio:.2f}x  (goal <= {GOAL:.2f}: {'met' if ratio <= GOAL else 'NOT met'})"
         )
     print(f"ray.init alone: {init:.1f}s; byte-identical shards in every run: {same}")
+    print(f"load average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

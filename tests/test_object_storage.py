@@ -74,7 +74,9 @@ def run(path, *sets, **kw):
 
 
 def _without_timings(stats: dict) -> dict:
-    return {**stats, "stages": {k: v["kept"] for k, v in stats["stages"].items()}}
+    """The stats that a rerun repeats: without seconds, and without the Ray node that wrote the shard."""
+    kept = {k: v for k, v in stats.items() if k != "node"}
+    return {**kept, "stages": {k: v["kept"] for k, v in stats["stages"].items()}}
 
 
 def s3_files(url: str) -> dict[str, bytes]:

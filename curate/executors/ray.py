@@ -1,10 +1,14 @@
-"""Execution on Ray Data: one dataset row per shard.
+"""Execution on Ray: one row per shard.
 
 A row carries the shard's id and spec, its table as Arrow IPC bytes, the stage timings and an error.
-Consecutive stages without a model run as Ray tasks (Ray fuses them); each stage with a model (or GPUs)
-runs as an actor pool, so its ``setup()`` runs once per actor. An exception in a stage is caught per shard
-and travels as the row's error, so one bad shard never aborts the dataset; failed shards are retried in
-a new round, then reported. Each shard's stats file names the Ray node that wrote it (``node``).
+A phase of CPU stages is one operator (``plan.single_operator``): a task, or an actor when a stage has a
+model, reads a shard, runs every stage and writes it, so the shard never leaves that worker, and as many
+shards run at once as the CPUs hold. It runs on Ray core; only the shard's stats come back. Otherwise (a
+GPU stage, or a pool size in the config) the phase is a Ray Data dataset: consecutive stages without a
+model run as Ray tasks (Ray fuses them), each stage with a model (or GPUs) as an actor pool. Either way a
+model stage's ``setup()`` runs once per actor. An exception in a stage is caught per shard and travels as
+the row's error, so one bad shard never aborts the phase; failed shards are retried in a new round, then
+reported. Each shard's stats file names the Ray node that wrote it (``node``).
 
 ``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked);
 ``executor.address`` or ``RAY_ADDRESS`` joins an existing one. A cluster that is already initialised in
@@ -29,7 +33,7 @@ import pyarrow as pa
 
 from curate.config import ConfigError, ExecutorConfig
 from curate.executors import OnResult
-from curate.executors.plan import actor_pools, actor_sizing, groups
+from curate.executors.plan import actor_pools, actor_sizing, groups, single_operator, single_sizing
 from curate.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.reader import ShardSpec
 
@@ -65,15 +69,15 @@ class _ShardStep:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in batch.to_pylist():
-            if row["error"] is None:
-                try:
-                    row = {**row, **self.step(row)}
-                except Exception:
-                    row = {**row, "data": b"", "error": traceback.format_exc()}
-            out.append(row)
-        return pa.Table.from_pylist(out, schema=_ROW_SCHEMA)
+        return pa.Table.from_pylist([self.run(row) for row in batch.to_pylist()], schema=_ROW_SCHEMA)
+
+    def run(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row["error"] is not None:
+            return row
+        try:
+            return {**row, **self.step(row)}
+        except Exception:
+            return {**row, "data": b"", "error": traceback.format_exc()}
 
 
 def _spec(row: dict[str, Any]) -> ShardSpec:
@@ -109,6 +113,25 @@ class _ApplyActor(_Apply):
         job.setup(stages)
 
 
+class _Phase(_ShardStep):
+    """Task: the whole phase on one shard (read, every stage, write); the table stays in this process."""
+
+    def step(self, row: dict[str, Any]) -> dict[str, Any]:
+        spec = _spec(row)
+        table, timings = self.job.load(spec)
+        table = self.job.apply(self.job.stages, table, timings)
+        stats = _stamped(self.job).sink(spec, table, timings)
+        return {"data": b"", "timings": json.dumps(stats)}
+
+
+class _PhaseActor(_Phase):
+    """Actor: like ``_Phase``; each stage's ``setup()`` (loading a model) runs once, when the actor starts."""
+
+    def __init__(self, job: PhaseJob):
+        super().__init__(job)
+        job.setup(job.stages)
+
+
 class _NodeStampedWriter:
     """The job's writer, adding to each shard's stats the Ray node that wrote it (``node``: id and IP)."""
 
@@ -129,10 +152,13 @@ class _Sink(_ShardStep):
     """Task: write the shard; the row that comes back is small (its stats, no data)."""
 
     def step(self, row: dict[str, Any]) -> dict[str, Any]:
-        # Made here, on the worker: the stamp names the node that runs this task.
-        job = dataclasses.replace(self.job, writer=_NodeStampedWriter(self.job.writer))
-        stats = job.sink(_spec(row), _from_ipc(row["data"]), json.loads(row["timings"]))
+        stats = _stamped(self.job).sink(_spec(row), _from_ipc(row["data"]), json.loads(row["timings"]))
         return {"data": b"", "timings": json.dumps(stats)}
+
+
+def _stamped(job: PhaseJob) -> PhaseJob:
+    """The job with a writer that names this worker's node; made on the worker, by the task that writes."""
+    return dataclasses.replace(job, writer=_NodeStampedWriter(job.writer))
 
 
 @contextlib.contextmanager
@@ -272,11 +298,72 @@ class RayExecutor:
         return actor_sizing(bound.resources, total.get("CPU", 1), total.get("GPU", 0), pools, bound.name)
 
     def _run_once(self, job: PhaseJob, specs: list[ShardSpec]) -> Iterator[ShardResult]:
-        import ray
-
         items = [
             {"shard": json.dumps(s.to_dict()), "data": b"", "timings": "{}", "error": None} for s in specs
         ]
+        if single_operator(job.stages):
+            yield from self._run_whole(job, items)
+        else:
+            yield from self._run_split(job, items)
+
+    def _run_whole(self, job: PhaseJob, items: list[dict[str, Any]]) -> Iterator[ShardResult]:
+        """The phase as one operator, on Ray core: ``slots`` tasks (or actors, when a stage has a model) at a
+        time, each reading, processing and writing a whole shard. Not Ray Data: its actor pools took about
+        4 s more to start per run on a 2-CPU node (benchmarks/RESULTS.md), and nothing here needs its
+        blocks, as only the shard's stats come back."""
+        import ray
+
+        total = ray.cluster_resources().get("CPU", 1)
+        sizing = single_sizing(job.stages, total)
+        slots = min(sizing["concurrency"], len(items))
+        options: dict[str, Any] = {"num_cpus": sizing["num_cpus"], "scheduling_strategy": "SPREAD"}
+        if storage_env():  # also reaches a cluster that was running before this driver
+            options["runtime_env"] = {"env_vars": storage_env()}
+        if sizing["actors"]:
+            actor = ray.remote(_PhaseActor).options(**options)
+            workers: list[Any] = [actor.remote(job) for _ in range(slots)]
+
+            def submit(worker: Any, row: dict[str, Any]) -> Any:
+                return worker.run.remote(row)
+        else:
+            task = ray.remote(_run_phase_task).options(**options)
+            job_ref = ray.put(job)
+            workers = list(range(slots))
+
+            def submit(worker: Any, row: dict[str, Any]) -> Any:
+                return task.remote(job_ref, row)
+
+        todo, idle, running = list(reversed(items)), list(workers), {}
+        try:
+            while todo or running:
+                while todo and idle:
+                    worker, row = idle.pop(), todo.pop()
+                    running[submit(worker, row)] = (worker, row)
+                if not running:  # every actor died: the rest fail this round
+                    row = todo.pop()
+                    yield _result({**row, "error": "no Ray actor left to run the shard"})
+                    continue
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                worker, row = running.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except ray.exceptions.RayActorError:  # the worker died (memory, a crash): not reused
+                    row = {**row, "error": traceback.format_exc()}
+                except ray.exceptions.RayError:
+                    row = {**row, "error": traceback.format_exc()}
+                    idle.append(worker)
+                else:
+                    idle.append(worker)
+                yield _result(row)
+        finally:
+            if sizing["actors"]:
+                for worker in workers:
+                    ray.kill(worker)
+
+    def _run_split(self, job: PhaseJob, items: list[dict[str, Any]]) -> Iterator[ShardResult]:
+        """Read, stage groups and write as Ray Data operators; the shard travels between them as IPC bytes."""
+        import ray
+
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
         if storage_env():  # also reaches a cluster that was running before this driver
@@ -293,9 +380,21 @@ class RayExecutor:
                     _Apply(job, group), num_cpus=max(b.resources.cpus for b in group), **common
                 )
         ds = ds.map_batches(_Sink(job), num_cpus=1, **common)
+        yield from self._results(ds)
+
+    @staticmethod
+    def _results(ds: Any) -> Iterator[ShardResult]:
         for row in ds.iter_rows():
-            shard = json.loads(row["shard"])["id"]
-            if row["error"] is not None:
-                yield ShardResult(shard, error=row["error"])
-            else:
-                yield ShardResult(shard, stats=json.loads(row["timings"]))
+            yield _result(row)
+
+
+def _result(row: dict[str, Any]) -> ShardResult:
+    shard = json.loads(row["shard"])["id"]
+    if row["error"] is not None:
+        return ShardResult(shard, error=row["error"])
+    return ShardResult(shard, stats=json.loads(row["timings"]))
+
+
+def _run_phase_task(job: PhaseJob, row: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: the whole phase on one shard (no stage with a model, so nothing to keep set up)."""
+    return _Phase(job).run(row)
