@@ -379,12 +379,15 @@ def train_(
 ) -> None:
     """Train a text-to-image diffusion model on curated shards; running it again resumes from the latest
     checkpoint. Multi-GPU / multi-node: launch with torchrun (or srun under Slurm)."""
-    from curate.train.config import load_train_config
+    from curate.train.config import TrainError, load_train_config
     from curate.train.trainer import train
 
     cfg = load_train_config(config, sets)
     say = lambda line: out.print(line, markup=False, highlight=False)  # noqa: E731
-    summary = train(cfg, say=say, progress=not quiet)
+    try:
+        summary = train(cfg, say=say, progress=not quiet)
+    except TrainError as e:
+        raise ConfigError(str(e), config, "training") from None
     out.print(
         f"trained {summary['steps']} steps in {summary['seconds']:.0f}s; checkpoints in {cfg.output}/checkpoints"
     )

@@ -417,6 +417,19 @@ def test_config_errors_name_their_yaml_path(run, tmp_path):
         train(_config(run, tmp_path / "o", **{"data.shards": [str(r_missing)]}), progress=False)
 
 
+def test_curate_train_reports_a_setup_problem_and_exits_2(run, tmp_path, cli):
+    import yaml
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_config(run, tmp_path / "o", **{"data.shards": [str(empty)]}).to_dict()))
+    r = cli("train", path, "-q")
+    assert r.code == 2 and "no shards (.tar) found" in r.err and "Traceback" not in r.err
+    r = cli("train", path, "-q", "--set", "data.rules=[clip_score >> 1]")
+    assert r.code == 2 and "data.rules" in r.err
+
+
 def test_two_ranks_with_torchrun_train_on_disjoint_data(run, tmp_path):
     """DDP on the CPU (gloo): two processes launched by torchrun, as on a GPU node; both ranks' data
     positions land in the checkpoint, and a rerun resumes both."""

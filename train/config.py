@@ -34,6 +34,7 @@ __all__ = [
     "ScheduleConfig",
     "TextEncoderConfig",
     "TrainConfig",
+    "TrainError",
     "UNetConfig",
     "VAEConfig",
     "ValidationConfig",
@@ -42,6 +43,11 @@ __all__ = [
 ]
 
 CaptionChoice = Literal["txt", "alt", "vlm", "fused"]
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run as asked (no shards, no text encoder to use, a checkpoint of another
+    model): the CLI prints it and exits with 2."""
 
 
 class DataConfig(StrictModel):

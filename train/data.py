@@ -33,7 +33,7 @@ import numpy as np
 
 from curate.rules import Rule, parse_rule
 from curate.storage import filesystem
-from curate.train.config import DataConfig
+from curate.train.config import DataConfig, TrainError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -61,7 +61,7 @@ _COMPARE = {
 }
 
 
-class TrainDataError(ValueError):
+class TrainDataError(TrainError):
     """Training data that cannot be used: no shards, a source that is not a run or a shard."""
 
 

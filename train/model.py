@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from curate.train.config import ModelConfig, TextEncoderConfig
+from curate.train.config import ModelConfig, TextEncoderConfig, TrainError
 
 __all__ = [
     "Denoiser",
@@ -98,7 +98,7 @@ class TextEncoder:
 
         if cfg.kind == "from_run":
             if not run_clip:
-                raise ValueError(
+                raise TrainError(
                     "model.text_encoder.kind is from_run, but no data source is a curate run with clip_score: "
                     "set kind open_clip (model, pretrained) or hf (path)"
                 )

@@ -34,7 +34,7 @@ from curate.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from curate.train.config import TrainConfig
+from curate.train.config import TrainConfig, TrainError
 from curate.train.data import ShardStream, find_shards, run_roots
 from curate.train.model import Generator, TextEncoder, clip_from_run, load_vae
 
@@ -84,8 +84,8 @@ class Trainer:
 
     def _setup_distributed(self) -> None:
         if self.env.world > 1 and not torch.distributed.is_initialized():
-            if self.env.rank != int(os.environ.get("RANK", self.env.rank)) or "MASTER_ADDR" not in os.environ:
-                raise RuntimeError(
+            if "MASTER_ADDR" not in os.environ:
+                raise TrainError(
                     "several ranks, but no MASTER_ADDR/MASTER_PORT: launch with torchrun, or export them "
                     "in the Slurm script (infra/slurm/train.sbatch does)"
                 )
@@ -156,7 +156,7 @@ class Trainer:
     def _resume(self, ckpt: Path) -> None:
         state = read_state(ckpt)
         if state.get("config", {}).get("model") != self.cfg.to_dict()["model"]:
-            raise ValueError(
+            raise TrainError(
                 f"{ckpt} was trained with another model config; use a new output folder or the same config"
             )
         load_weights(self.model, ckpt / "model.safetensors")
