@@ -8,16 +8,22 @@
   redirect hop is checked again. ``allow_private`` entries (``host:port``) open exceptions, for tests and
   local servers.
 - A connect timeout, a read timeout per socket read, and a total deadline per URL that covers retries,
-  redirects and a body trickling in a byte at a time. ``max_bytes`` is enforced while streaming.
+  redirects, and a status line, headers or body trickling in a byte at a time: a watchdog thread shuts a
+  connection down at its deadline, because http.client reads headers with a timeout per ``recv`` only.
+  ``max_bytes`` is enforced while streaming; a body shorter than its Content-Length is an error.
 - Retries with exponential backoff for transient failures only: timeouts, connection errors, 429 and 5xx.
 - robots.txt is fetched once per origin and cached (RFC 9309: a 4xx means no rules, an unreachable or 5xx
-  robots.txt means disallow); ``X-Robots-Tag: noai|noimageai|noindex|noimageindex`` opts an image out.
+  robots.txt means disallow: a 5xx one is reported as ``opted_out``, an unreachable host as the network
+  failure it was); ``X-Robots-Tag: noai|noimageai|noindex|noimageindex`` opts an image out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import http.client
 import ipaddress
+import itertools
 import socket
 import ssl
 import threading
@@ -92,10 +98,11 @@ class Fetcher:
     def __init__(self, policy: FetchPolicy):
         self.policy = policy
         self._ssl = ssl.create_default_context()
-        self._robots: dict[str, RobotFileParser | str] = {}
+        self._robots: dict[str, RobotFileParser | _Fail] = {}
         self._robots_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._allowed = self._resolve_allowlist(policy.allow_private)
+        self._watchdog = _Watchdog()
 
     @staticmethod
     def _resolve_allowlist(entries: tuple[str, ...]) -> set[tuple[str, int]]:
@@ -194,22 +201,29 @@ class Fetcher:
         else:
             conn = _PinnedHTTP(host, port, address, timeout=timeout)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        watched: _Conn | None = None
         try:
+            conn.connect()
+            # getresponse() hands a close-delimited body's socket to the response and drops conn.sock: keep it.
+            watched = _Conn(conn, conn.sock, self._watchdog, self._watchdog.watch(conn.sock, deadline))
             conn.request(
                 "GET", path, headers={"User-Agent": self.policy.user_agent, "Accept": "image/*,*/*;q=0.5"}
             )
-            # getresponse() hands a close-delimited body's socket to the response and drops conn.sock: keep it.
-            sock = conn.sock
-            sock.settimeout(min(self.policy.read_timeout, max(deadline - time.monotonic(), 0.001)))
-            return conn.getresponse(), _Conn(conn, sock)
+            watched.sock.settimeout(min(self.policy.read_timeout, max(deadline - time.monotonic(), 0.001)))
+            return conn.getresponse(), watched
         except TimeoutError:
-            conn.close()
+            (watched or conn).close()
             raise _Fail("timeout", f"no response from {host}:{port} in time") from None
         except ssl.SSLError as e:
-            conn.close()
+            (watched or conn).close()
             raise _Fail("connection_error", f"TLS: {e.reason or e}") from None
         except (OSError, http.client.HTTPException) as e:
-            conn.close()
+            (watched or conn).close()
+            if time.monotonic() >= deadline - 0.05:  # the watchdog cut it
+                raise _Fail(
+                    "timeout",
+                    f"total deadline of {self.policy.total_timeout:g}s passed before the headers ended",
+                ) from None
             raise _Fail("connection_error", f"{type(e).__name__}: {e}") from None
 
     def _read_body(self, response: http.client.HTTPResponse, conn: _Conn, deadline: float) -> bytes:
@@ -242,7 +256,17 @@ class Fetcher:
                 "timeout", f"no data for {self.policy.read_timeout:g}s after {size:,} bytes"
             ) from None
         except (OSError, http.client.HTTPException) as e:
+            if time.monotonic() >= deadline - 0.05:  # the watchdog cut it
+                raise _Fail(
+                    "timeout", f"total deadline of {self.policy.total_timeout:g}s passed after {size:,} bytes"
+                ) from None
             raise _Fail("connection_error", f"{type(e).__name__} after {size:,} bytes: {e}") from None
+        if time.monotonic() >= deadline:  # a close-delimited body the watchdog cut looks like its end
+            raise _Fail(
+                "timeout", f"total deadline of {self.policy.total_timeout:g}s passed after {size:,} bytes"
+            )
+        if length and length.isdigit() and size < int(length):
+            raise _Fail("connection_error", f"body ended after {size:,} of its {int(length):,} bytes")
         return b"".join(chunks)
 
     # --- robots.txt ------------------------------------------------------------------------------
@@ -257,23 +281,31 @@ class Fetcher:
             if rules is None:
                 rules = self._load_robots(origin, deadline)
                 self._robots[origin] = rules
-        if isinstance(rules, str):
-            raise _Fail("opted_out", rules)
+        if isinstance(rules, _Fail):
+            raise _Fail(rules.status, rules.error)
         if not rules.can_fetch(self.policy.user_agent, url):
             raise _Fail("opted_out", f"robots.txt of {origin} disallows this path")
 
-    def _load_robots(self, origin: str, deadline: float) -> RobotFileParser | str:
-        """The parsed rules, or a string saying why everything on the origin is disallowed."""
+    def _load_robots(self, origin: str, deadline: float) -> RobotFileParser | _Fail:
+        """The parsed rules, or the failure every URL of the origin gets. RFC 9309: an unreachable robots.txt
+        or a 5xx means disallow everything. A 5xx is an answer (``opted_out``); a host that cannot be
+        reached gets the network failure (``connection_error``, ``timeout``): nothing was opted out, and
+        ``curate retry`` retries those."""
         parser = RobotFileParser()
         try:
             response, conn = self._request(f"{origin}/robots.txt", min(deadline, time.monotonic() + 10))
         except _Fail as f:
             if f.status == "blocked_address":
                 raise
-            return f"robots.txt of {origin} unreachable ({f.error}); RFC 9309: assume disallow"
+            return _Fail(
+                f.status, f"robots.txt of {origin} unreachable ({f.error}); RFC 9309: assume disallow"
+            )
         try:
             if response.status >= 500:
-                return f"robots.txt of {origin} answered HTTP {response.status}; RFC 9309: assume disallow"
+                return _Fail(
+                    "opted_out",
+                    f"robots.txt of {origin} answered HTTP {response.status}; RFC 9309: assume disallow",
+                )
             if response.status != 200:  # 3xx is not followed here; 4xx: no rules
                 parser.parse([])
                 return parser
@@ -281,7 +313,9 @@ class Fetcher:
             parser.parse(body.decode("utf-8", errors="replace").splitlines())
             return parser
         except _Fail as f:
-            return f"robots.txt of {origin} unreadable ({f.error}); RFC 9309: assume disallow"
+            return _Fail(
+                "opted_out", f"robots.txt of {origin} unreadable ({f.error}); RFC 9309: assume disallow"
+            )
         finally:
             conn.close()
 
@@ -307,10 +341,66 @@ def _opt_out(headers: list[tuple[str, str]]) -> str | None:
 class _Conn:
     conn: http.client.HTTPConnection
     sock: socket.socket
+    watchdog: _Watchdog
+    ticket: int
 
     def close(self) -> None:
+        self.watchdog.release(self.ticket)
         self.conn.close()
         self.sock.close()
+
+
+class _Watchdog:
+    """Shuts a socket down when its deadline passes, so that a blocked read returns at once.
+
+    Socket timeouts bound each ``recv``, not a response: http.client reads the status line and headers a
+    line at a time, and a server sending a byte a second would hold a URL for as long as its headers last.
+    One thread per fetcher, started on first use and ended after a minute with nothing to watch.
+    """
+
+    IDLE_EXIT = 60.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._socks: dict[int, socket.socket] = {}
+        self._tickets = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        with self._cond:
+            ticket = next(self._tickets)
+            heapq.heappush(self._heap, (deadline, ticket))
+            self._socks[ticket] = sock
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="curate-fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return ticket
+
+    def release(self, ticket: int) -> None:
+        with self._cond:
+            self._socks.pop(ticket, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._socks:
+                    heapq.heappop(self._heap)  # released before its deadline
+                if not self._heap:
+                    if not self._cond.wait(self.IDLE_EXIT) and not self._heap:
+                        self._thread = None
+                        return
+                    continue
+                deadline, ticket = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(min(wait, 1.0))  # woken early by a new, nearer deadline
+                    continue
+                heapq.heappop(self._heap)
+                sock = self._socks.pop(ticket)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 class _PinnedHTTP(http.client.HTTPConnection):

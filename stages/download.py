@@ -8,12 +8,15 @@ Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
 ``duplicate_row``      (input) the same url and caption as an earlier row of the shard
 ``blocked_address``    the host resolves to a non-public address, or a redirect leads to one or to
                        another scheme; no connection is made
-``opted_out``          robots.txt disallows the path, or ``X-Robots-Tag`` says noai / noimageai /
-                       noindex / noimageindex
+``opted_out``          robots.txt disallows the path or answers 5xx, or ``X-Robots-Tag`` says noai /
+                       noimageai / noindex / noimageindex
 ``http_<code>``        the final HTTP status was not 200 (4xx at once; 429 and 5xx after retries)
 ``too_many_redirects`` more than ``max_redirects`` hops
-``timeout``            connect or read timeout, or the total deadline per URL passed (after retries)
-``connection_error``   refused, reset, DNS or TLS failure (after retries, except DNS)
+``timeout``            connect or read timeout, or the total deadline per URL passed (after retries),
+                       however slowly the status line, headers or body trickle in
+``connection_error``   refused, reset, DNS or TLS failure (after retries, except DNS), a response that
+                       is not HTTP or has too many or too long headers, a body shorter than its
+                       Content-Length; also when the host's robots.txt could not be reached
 ``too_large``          Content-Length or the streamed body exceeded ``max_bytes``
 ``not_an_image``       the bytes are no image format (HTML served as image/jpeg, ...)
 ``unsupported_format`` an image format not in ``formats``
