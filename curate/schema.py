@@ -98,7 +98,10 @@ def canonical_order(names: list[str]) -> list[str]:
 # --- uid ---------------------------------------------------------------------------------------------
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_WS = re.compile(r"\s+")
+# White space to fold: runs of two or more, and any single white space other than " " (which already is
+# what a run folds to). Matching single spaces too gives the same string, but a 10 MB caption of words
+# would then cost millions of match pieces: 150 MB to hash one caption.
+_WS = re.compile(r"\s{2,}|[^\S ]")
 
 
 def normalise_url(url: str) -> str:
