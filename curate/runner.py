@@ -27,7 +27,7 @@ from curate.models.manage import check_weights
 from curate.pipeline import PhaseShards, Pipeline, ShardResult
 from curate.progress import RunProgress, stage_table, summary_table
 from curate.reader import InputReader, ShardSpec
-from curate.storage import clean_temp, filesystem, read_json, write_json_atomic
+from curate.storage import TMP_MARK, clean_temp, filesystem, read_json, write_json_atomic
 
 __all__ = ["RunSummary", "collect_output", "run_fingerprint", "run_pipeline"]
 
@@ -92,7 +92,7 @@ class OutputDir:
             self.wipe()
             previous = None
         elif previous is None:
-            if self.fs.exists(self.root) and self.fs.ls(self.root):
+            if self.fs.exists(self.root) and self._foreign_entries():
                 raise ConfigError(
                     [
                         (
@@ -115,6 +115,12 @@ class OutputDir:
             )
         self.fs.makedirs(self.root, exist_ok=True)
         return previous
+
+    def _foreign_entries(self) -> list[str]:
+        """What the folder holds besides a temporary ``run.json`` left by a run killed while writing it: that
+        run had written nothing else yet, and the folder is as good as empty (``clean_temp`` removes it)."""
+        own = f"run.json{TMP_MARK}"
+        return [p for p in self.fs.ls(self.root, detail=False) if not p.rsplit("/", 1)[-1].startswith(own)]
 
     def wipe(self) -> None:
         for name in OWNED:
