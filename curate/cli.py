@@ -245,16 +245,21 @@ def status(
 ) -> None:
     """Shards done, pending and failed, and the counts so far."""
     from curate.progress import summary_table
-    from curate.runner import OutputDir, collect_output
+    from curate.runner import OutputDir, collect_output, driver_alive
 
     info = OutputDir(output).run_json()
     if info is None:
         raise ConfigError([("OUTPUT", f"{output} holds no run.json: not a curate output folder")])
     s = collect_output(output)
     pending = s.shards_total - len(s.shards_done) - len(s.shards_failed)
+    state = info.get("status")
+    driver = info.get("driver") or {}
+    if state == "running" and driver_alive(driver) is False:
+        state = "interrupted"  # killed, or its machine went down: run.json was never finished
     report = {
         "name": info.get("name"),
-        "status": info.get("status"),
+        "status": state,
+        "driver": driver,
         "fingerprint": info.get("fingerprint"),
         "shards": {
             "total": s.shards_total,
@@ -272,6 +277,13 @@ def status(
         f"{report['name']} ({report['status']}): {len(s.shards_done)}/{s.shards_total} shards done, "
         f"{len(s.shards_failed)} failed, {pending} pending"
     )
+    if state == "interrupted":
+        out.print(
+            f"  its driver (pid {driver.get('pid')}) is gone without finishing; run the same command again "
+            "to resume: finished shards are kept"
+        )
+    elif state == "running" and driver:
+        out.print(f"  driver: pid {driver.get('pid')} on {driver.get('host')}")
     for shard in sorted(s.shards_failed):
         last = s.shards_failed[shard].strip().splitlines()[-1:] or [""]
         out.print(f"  [red]failed[/red] {shard}: {last[0]}")

@@ -11,12 +11,15 @@ import contextlib
 import hashlib
 import importlib.metadata
 import logging
+import os
 import platform
+import socket
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -29,7 +32,7 @@ from curate.progress import RunProgress, stage_table, summary_table
 from curate.reader import InputReader, ShardSpec
 from curate.storage import TMP_MARK, clean_temp, filesystem, read_json, write_json_atomic
 
-__all__ = ["RunSummary", "collect_output", "run_fingerprint", "run_pipeline"]
+__all__ = ["RunSummary", "collect_output", "driver_alive", "run_fingerprint", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,37 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         return 0 if not self.shards_failed and len(self.shards_done) == self.shards_total else 1
+
+
+def _process_start(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, from /proc), to tell it from a later one that got
+    its pid; None where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in parentheses may hold spaces
+
+
+def driver_identity() -> dict[str, Any]:
+    """The process that runs the pipeline, as run.json records it."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def driver_alive(driver: dict[str, Any] | None) -> bool | None:
+    """Whether the driver recorded in run.json still runs: None when that cannot be told from here (another
+    host, or a run.json older than the record)."""
+    if not driver or driver.get("host") != socket.gethostname():
+        return None
+    pid = driver["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process has that pid now, or the run's user is another
+        pass
+    start = _process_start(pid)
+    return not (start and driver.get("start") and start != driver["start"])
 
 
 def run_fingerprint(config: PipelineConfig, reader: InputReader, specs: list[ShardSpec]) -> str:
@@ -170,6 +204,7 @@ def run_pipeline(
         "finished": None,
         "status": "running",
         "command": " ".join(sys.argv),
+        "driver": driver_identity(),
     }
     if previous and previous.get("fingerprint") != fingerprint:
         info["resumed_from_fingerprint"] = previous.get("fingerprint")

@@ -391,6 +391,9 @@ def test_driver_killed_at_a_random_point_then_rerun(cluster, pipeline, tmp_path,
     )
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None
     assert run is None or run["status"] == "running"
+    if run is not None:  # run.json was never finished, but `curate status` tells the run is not going on
+        r = cli("status", out, "--json")
+        assert r.code == 0 and json.loads(r.out)["status"] == "interrupted", r
     what = (
         f"seed {seed}: driver killed {when}: {done_at_kill} shards done, {len(running)} running, "
         f"run.json {'absent' if run is None else run['status']}; its workers gone after {settle:.2f} s, "

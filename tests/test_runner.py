@@ -70,6 +70,40 @@ def test_a_rerun_skips_finished_shards_and_redoes_missing_ones(tmp_path, pipelin
     assert not list((tmp_path / "out").rglob("*.tmp-*"))
 
 
+def test_status_tells_a_run_whose_driver_is_gone(tmp_path, pipeline, cli):
+    """run.json says "running" until the run ends; a driver killed before that leaves it so. `curate status`
+    checks the recorded driver (same host: is the pid alive, and is it the same process)."""
+    import json
+    import subprocess
+    import sys
+
+    from curate.runner import driver_identity
+
+    run(pipeline)
+    path = tmp_path / "out/run.json"
+    info = json.loads(path.read_text())
+    assert info["driver"]["pid"] > 0 and info["driver"]["host"]
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    cases = {
+        "interrupted": {**driver_identity(), "pid": int(gone.stdout)},  # that process has exited
+        "running": driver_identity(),  # this very process
+    }
+    for want, driver in cases.items():
+        path.write_text(json.dumps({**info, "status": "running", "driver": driver}))
+        r = cli("status", tmp_path / "out", "--json")
+        assert json.loads(r.out)["status"] == want, (want, r)
+    path.write_text(json.dumps({**info, "status": "running", "driver": {**driver_identity(), "start": "1"}}))
+    assert json.loads(cli("status", tmp_path / "out", "--json").out)["status"] == "interrupted"  # pid reused
+    path.write_text(
+        json.dumps({**info, "status": "running", "driver": {**driver_identity(), "host": "elsewhere"}})
+    )
+    assert json.loads(cli("status", tmp_path / "out", "--json").out)["status"] == "running"  # cannot tell
+    r = cli("status", tmp_path / "out")
+    assert "driver: pid" in r.out and "elsewhere" in r.out
+
+
 def test_a_changed_config_refuses_to_resume(tmp_path, pipeline, cli):
     assert cli("run", pipeline, "-q").code == 0
     r = cli("run", pipeline, "-q", "--set", "stages.basic_filter.min_caption_length=10")
