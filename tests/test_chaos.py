@@ -430,3 +430,79 @@ def test_a_driver_killed_while_writing_its_first_run_json_leaves_a_rerunnable_ou
     (other / "notes.txt").write_text("mine")
     r = cli("run", p, "-q", "--set", f"output.path={other}")
     assert r.code == 2 and "not empty and holds no run.json" in r.err
+
+
+# --- a pipeline with a global stage: two phases, intermediate shards under work/, a fit in between -------
+
+GLOBAL_STAGES = [
+    {"stage": "synthetic_image", "size": 16},
+    {"stage": "planted", "columns": ["sha256"]},  # every 6th row repeats an earlier row's hash
+    {"stage": "sleep", "seconds": 0.25},
+    {"stage": "dedup", "perceptual": False, "semantic": False, "keep": ["width desc"]},
+    {"stage": "basic_filter", "min_caption_length": 3},
+    {"stage": "sleep", "name": "sleep_after", "seconds": 0.25},
+]
+
+
+@pytest.fixture(scope="module")
+def global_pipeline(tmp_path_factory):
+    """Phase 0 (image, hashes) writes work/phase0/<shard>.arrow; dedup fits on all of them, then phase 1
+    applies it and writes the shards. Its clean run is a local one."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = tmp_path_factory.mktemp("chaos-global")
+    table = pq.read_table(make_input(tmp / "plain.parquet", ROWS, bad_every=7))
+    hashes = [hashlib.sha256(str(i - i % 6 if i % 6 == 5 else i).encode()).hexdigest() for i in range(ROWS)]
+    pq.write_table(table.append_column("sha256", pa.array(hashes)), tmp / "in.parquet")
+    p = write_pipeline(tmp / "p.yaml", tmp / "in.parquet", tmp / "out", GLOBAL_STAGES, shard_size=SHARD_SIZE)
+    clean = run_pipeline(load_config(p, [f"output.path={tmp / 'clean'}"]), show_progress=False)
+    assert clean.exit_code == 0 and clean.counts["drop_reason"].get("duplicate:exact", 0) > 0
+    return p, tmp / "clean"
+
+
+def _phase0(out: Path) -> int:
+    return len(_listdir(out / "work" / "phase0"))
+
+
+@pytest.mark.parametrize(
+    ("seed", "when"),
+    [(8, "driver in phase 0"), (9, "driver in phase 1"), (10, "worker in phase 1")],
+)
+def test_kills_around_a_global_stage(cluster, global_pipeline, tmp_path, drivers, cli, seed, when):
+    """The driver killed while phase 0 writes its intermediate shards, or after the fit while phase 1
+    writes the final ones; or a worker killed in phase 1. The rerun (or Ray's retry) ends at the clean
+    output, and the intermediate shards are gone."""
+    p, clean = global_pipeline
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    d = drivers(cluster, p, out)
+    k = rng.randint(1, SHARDS - 3)
+    if when == "driver in phase 0":
+        _wait_for(f"{k} intermediate shards", lambda: _phase0(out) >= k, d)
+    else:
+        _wait_for(f"{k} final shards", lambda: len(_finished(out)) >= k, d)
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert d.running(), f"the run ended before the kill:\n{d.tail()}"
+    what = (
+        f"seed {seed}: {when}: {_phase0(out)} intermediate and {len(_finished(out))} final shards at the kill"
+    )
+    if when.startswith("driver"):
+        running = _tasks(cluster)
+        d.kill()
+        _gone(cluster, running)
+        assert json.loads(cli("status", out, "--json").out)["status"] == "interrupted"
+        assert _rerun_to_completion(cluster, p, out, drivers) == 1, what
+    else:
+        victim = None
+        while victim is None and d.running():
+            victim = _freeze_a_task(cluster, rng)
+        assert victim is not None, f"no worker ran a shard ({what})"
+        _kill(victim)
+        if d.wait() != 0:
+            _rerun_to_completion(cluster, p, out, drivers)
+    check_output(out, clean, cli)
+    assert not (out / "work").exists(), "intermediate shards left behind"
+    print(what)
