@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Annotated
 
+import rich.markup
 import typer
 from rich.console import Console
 
@@ -531,7 +532,41 @@ def main() -> None:
         if hasattr(e, "show"):
             e.show()
         sys.exit(getattr(e, "exit_code", 2))
+    except Exception as e:
+        problem = storage_problem(e)
+        if problem is None:
+            raise
+        err.print("[red]error:[/red] " + rich.markup.escape(problem), highlight=False)
+        sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+_STORAGE_EXTRAS = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
+_STORAGE_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "google.auth",
+    "google.api_core",
+    "azure.core",
+    "azure.identity",
+)
+
+
+def storage_problem(e: BaseException) -> str | None:
+    """A clear line for a failure to reach object storage (a missing fsspec backend, missing or refused
+    credentials), which the user fixes in their environment, not in curate; None for anything else."""
+    if isinstance(e, ImportError):
+        for module, extra in _STORAGE_EXTRAS.items():
+            if module in str(e):
+                return (
+                    f"{e}: pip install 'curate[{extra}]'" if extra == "s3" else f"{e}: pip install {module}"
+                )
+        return None
+    if type(e).__module__.startswith(_STORAGE_MODULES):
+        return (
+            f"object storage: {type(e).__name__}: {e} (check the credentials and endpoint in the environment)"
+        )
+    return None
 
 
 __all__ = ["PipelineConfig", "app", "main"]

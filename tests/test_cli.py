@@ -137,3 +137,41 @@ def test_an_address_where_no_cluster_answers_fails_fast(tmp_path, cli):
     assert not (tmp_path / "out").exists()
     r = cli("run", p, "--address", "nonsense")
     assert r.code == 2 and "is not HOST:PORT" in r.err
+
+
+def _curate_in_a_clean_env(
+    args: list[str], env: dict[str, str], prelude: str = ""
+) -> subprocess.CompletedProcess:
+    code = f"{prelude}\nfrom curate.cli import main\nmain()"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GOOGLE_", "AZURE_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_object_storage_problems_are_clear_errors(tmp_path):
+    """No fsspec backend installed, or no credentials: exit 2 and one line saying what to fix. Nothing
+    leaves the machine: the instance metadata service is off and the endpoint is a closed local port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "name: t\ninput: {path: s3://bucket/in.parquet}\noutput: {path: s3://bucket/out}\n"
+        "stages:\n  - stage: basic_filter\n"
+    )
+    env = {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    r = _curate_in_a_clean_env(["validate", str(p)], env, "import sys; sys.modules['s3fs'] = None")
+    assert r.returncode == 2 and "pip install 'curate[s3]'" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )
+    r = _curate_in_a_clean_env(["validate", str(p)], env)
+    assert r.returncode == 2 and "object storage: NoCredentialsError" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
