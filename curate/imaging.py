@@ -114,15 +114,27 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
                 )
                 return base
             if opt.encode_format == "original":
-                img.load()  # decodes: proves the bytes are a whole, valid image
+                _load(img)  # decodes: proves the bytes are a whole, valid image
                 base.image, base.width, base.height = data, ow, oh
                 base.phash, base.phash_mirror = phashes(to_rgb(ImageOps.exif_transpose(img)))
+                return base
+            # Refused before decoding: an extreme aspect ratio under keep_ratio (1x60000 becomes 256x15M), or
+            # a side the encoder cannot store (WebP 16383, JPEG 65500), would fail or exhaust memory later.
+            out_w, out_h = output_size(ow, oh, opt)
+            limit = _MAX_SIDE.get(opt.encode_format)
+            if out_w * out_h > opt.max_pixels or (limit is not None and max(out_w, out_h) > limit):
+                why = f"> {opt.max_pixels:,} pixels" if out_w * out_h > opt.max_pixels else ""
+                why = why or f"{opt.encode_format} stores at most {limit} pixels a side"
+                base.status, base.error = (
+                    "too_many_pixels",
+                    f"{ow}x{oh} would be stored as {out_w}x{out_h}: {why}",
+                )
                 return base
             scale = _scale(ow, oh, opt)
             if fmt == "jpeg" and scale < 1:
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
             img.seek(0)  # first frame of an animation
-            img.load()
+            _load(img)
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
             img = resize(img, opt)
@@ -134,6 +146,15 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
     base.width, base.height = img.size
     base.phash, base.phash_mirror = phashes(img)
     return base
+
+
+def _load(img: Image.Image) -> None:
+    """Decode the pixels. Pillow 13's TIFF plugin raises TypeError on a strip offset tag of the wrong type
+    (a float, bytes): that is corrupt data, reported as a ValueError (``decode_error``) like the rest."""
+    try:
+        img.load()
+    except TypeError as e:
+        raise ValueError(f"corrupt image data ({e})") from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -159,6 +180,22 @@ def _scale(w: int, h: int, opt: ImageOptions) -> float:
     side = min(w, h) if opt.resize_mode in ("keep_ratio", "center_crop") else max(w, h)
     scale = opt.image_size / side
     return min(scale, 1.0) if opt.resize_only_if_bigger else scale
+
+
+_MAX_SIDE = {"jpg": 65500, "webp": 16383}  # the encoders' limits; PNG has none that matters here
+
+
+def output_size(w: int, h: int, opt: ImageOptions) -> tuple[int, int]:
+    """The size :func:`resize` gives a ``w`` x ``h`` image (computed, nothing decoded)."""
+    scale = _scale(w, h, opt)
+    if opt.resize_mode == "center_crop":
+        side = opt.image_size / scale
+        return max(1, round(min(w, side) * scale)), max(1, round(min(h, side) * scale))
+    if scale != 1.0:
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    if opt.resize_mode == "border":
+        w, h = max(w, opt.image_size), max(h, opt.image_size)
+    return w, h
 
 
 def _filter(resample: Resample, scale: float) -> tuple[Image.Resampling, float | None]:

@@ -26,8 +26,10 @@ import codecs
 import csv
 import functools
 import io
+import lzma
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -144,9 +146,17 @@ class InputReader:
         if self._format(path) == "parquet":
             try:
                 with self.fs.open(path, "rb") as f:
-                    return pq.ParquetFile(f).metadata.num_rows
-            except (pa.ArrowException, OSError) as e:
+                    meta = pq.ParquetFile(f).metadata
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a name not UTF-8
                 raise InputError(f"{path}: not a readable parquet file: {e}") from None
+            # Shards are cut by the footer's count and read by row group: both must agree, or rows vanish.
+            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            if sum(groups) != meta.num_rows or any(n < 0 for n in groups):
+                raise InputError(
+                    f"{path}: not a readable parquet file: its footer says {meta.num_rows} rows, its row "
+                    f"groups {sum(groups)}"
+                )
+            return meta.num_rows
         return self._read_file(path).num_rows
 
     def plan(self, shard_size: int) -> list[ShardSpec]:
@@ -175,8 +185,11 @@ class InputReader:
         """The columns a shard table will have, from the first file: the core columns, then the rest."""
         path = self.files[0]
         if self._format(path) == "parquet":
-            with self.fs.open(path, "rb") as f:
-                names = pq.ParquetFile(f).schema_arrow.names
+            try:
+                with self.fs.open(path, "rb") as f:
+                    names = pq.ParquetFile(f).schema_arrow.names
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a name not UTF-8
+                raise InputError(f"{path}: not a readable parquet file: {e}") from None
         else:
             names = self._read_file(path).column_names
         return list(CORE_COLUMNS) + [self._carried_name(n) for n in names if n not in self._input_keys()]
@@ -202,9 +215,15 @@ class InputReader:
                             first = offset if first is None else first
                         offset += n
                     table = pf.read_row_groups(groups)
-            except (pa.ArrowException, OSError) as e:
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a name not UTF-8
                 raise InputError(f"{seg.path}: not a readable parquet file: {e}") from None
-            return table.slice(seg.start - (first or 0), seg.stop - seg.start)
+            table = table.slice(seg.start - (first or 0), seg.stop - seg.start)
+            if table.num_rows != seg.stop - seg.start:  # row groups that hold fewer rows than they say
+                raise InputError(
+                    f"{seg.path}: not a readable parquet file: rows {seg.start}..{seg.stop - 1} hold "
+                    f"{table.num_rows} rows"
+                )
+            return table
         return self._read_file(seg.path).slice(seg.start, seg.stop - seg.start)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one reader per run; keeps the file a shard spans
@@ -219,19 +238,23 @@ class InputReader:
                 return pa.table({c.url_col: pa.array([ln for ln in lines if ln], pa.string())})
             data = _valid_utf8(data)
             if fmt == "jsonl":
+                # pyarrow (26.0.1 and earlier) dies of SIGSEGV on a file whose first value is a top-level
+                # null (apache/arrow#47409): refused here, as pyarrow refuses a first line of 1, "x" or [].
+                if data.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"null"):
+                    raise InputError(
+                        f"{path}: not readable as jsonl: the first line is null, not a JSON object"
+                    )
                 return pajson.read_json(io.BytesIO(data))
-        except (pa.ArrowException, OSError, UnicodeError) as e:
+        # EOFError, zlib.error, LZMAError: a compressed input that ends early or is corrupt (gzip raises
+        # OSError only for a bad header).
+        except (pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, lzma.LZMAError) as e:
             raise InputError(f"{path}: not readable as {fmt}: {e}") from None
         delimiter = "\t" if fmt == "tsv" else ","
         strings = {col: pa.string() for col in (c.url_col, c.caption_col) if col}
         try:
             # newlines_in_values: a quoted caption may span lines; without it Arrow accepts that only
             # within one parse block, so the same file would read differently depending on its size.
-            table = pacsv.read_csv(
-                io.BytesIO(data),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(column_types=strings),
-            )
+            table = _read_csv(data, delimiter, strings)
         except (pa.ArrowException, OSError) as e:
             where = _csv_bad_line(data, delimiter)
             raise InputError(f"{path}: not readable as {fmt}: {where + ': ' if where else ''}{e}") from None
@@ -258,15 +281,29 @@ class InputReader:
         c = self.config
         n = raw.num_rows
         where = f"{c.path}"
+        # A repeated header name ("url,url"), or an input column that would land on another's name once
+        # carried ("uid" is carried as input_uid: an input_uid beside it), would lose a column or fail.
+        names = [
+            *CORE_COLUMNS,
+            *(self._carried_name(k) for k in raw.column_names if k not in self._input_keys()),
+        ]
+        repeated = sorted({k for k in raw.column_names if raw.column_names.count(k) > 1})
+        repeated = repeated or sorted({k for k in names if names.count(k) > 1})
+        if repeated:
+            raise InputError(
+                f"{where}: column names that repeat (or collide once carried): {', '.join(repeated)}"
+            )
         if c.url_col not in raw.column_names:
             raise InputError(
                 f"{where}: no column {c.url_col!r} (input.url_col); columns: {', '.join(raw.column_names)}"
             )
-        urls = _as_strings(raw[c.url_col])
+        urls = _as_strings(raw[c.url_col], f"{where}: column {c.url_col!r} (input.url_col)")
         if c.caption_col is None:
             captions = [None] * n
         elif c.caption_col in raw.column_names:
-            captions = _as_strings(raw[c.caption_col])
+            captions = _as_strings(
+                raw[c.caption_col], f"{where}: column {c.caption_col!r} (input.caption_col)"
+            )
         else:
             raise InputError(
                 f"{where}: no column {c.caption_col!r} (input.caption_col; null for inputs without captions); "
@@ -307,18 +344,36 @@ class InputReader:
         return pa.table(columns)
 
 
-def _as_strings(col: pa.ChunkedArray) -> list[str | None]:
+def _read_csv(data: bytes, delimiter: str, strings: dict[str, pa.DataType]) -> pa.Table:
+    """Arrow parses a CSV in blocks of 1 MiB and refuses a row longer than a block ("straddling object"):
+    one 10 MB caption would fail the whole file. Such a file is parsed again as one block."""
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    convert = pacsv.ConvertOptions(column_types=strings)
+    try:
+        return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e) or len(data) >= 2**31 - 1:
+            raise
+    read = pacsv.ReadOptions(block_size=len(data) + 1)
+    return pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+
+
+def _as_strings(col: pa.ChunkedArray, what: str) -> list[str | None]:
     """The column's values as str; invalid UTF-8 (a binary column, or a parquet string column written
-    without validation) is decoded with U+FFFD, never an error."""
+    without validation) is decoded with U+FFFD, never an error. A column that is no text and does not cast
+    to it (a JSON object or list, a nested parquet type) is an :class:`InputError` naming ``what``."""
     t = col.type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         return [None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()]
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        col = col.cast(pa.string())
+        try:
+            col = col.cast(pa.string())
+        except pa.ArrowException as e:
+            raise InputError(f"{what} holds {t}, not text: {e}") from None
     try:
         return col.to_pylist()
     except UnicodeDecodeError:
-        return _as_strings(col.cast(pa.large_binary()))
+        return _as_strings(col.cast(pa.large_binary()), what)
 
 
 # C0 and C1 control characters and DEL, except tab, newline and carriage return; lone surrogates.
@@ -336,10 +391,12 @@ def clean_caption(caption: str | None, max_chars: int | None) -> tuple[str | Non
     """
     if caption is None:
         return None, False
+    # Control characters go first: one removed after NFC could leave a letter and a combining mark side by
+    # side that NFC would have composed ("a\x00\u0301"), and the caption would be neither NFC nor stable.
+    caption = _CONTROL.sub("", caption)
     if not caption.isascii():
         caption = _SURROGATE.sub("\ufffd", caption)
         caption = unicodedata.normalize("NFC", caption)
-    caption = _CONTROL.sub("", caption)
     if max_chars is not None and len(caption) > max_chars:
         return caption[:max_chars], True
     return caption, False

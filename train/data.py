@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import math
 import operator
+import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,15 +124,35 @@ def iter_samples(shard: str) -> Iterator[Sample]:
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     fs, path = filesystem(shard)
-    with fs.open(path, "rb") as f:  # tar_file_iterator opens the tar stream itself
-        wanted = lambda name: name.rsplit(".", 1)[-1].lower() in SAFE_EXTENSIONS  # noqa: E731
-        files = ({**m, "__url__": shard} for m in tar_file_iterator(f, select_files=wanted))
-        for group in group_by_keys(files):
-            ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
-            meta = json.loads(group["json"]) if "json" in group else {}
-            txt = group["txt"].decode("utf-8", "replace") if "txt" in group else None
-            uid = str(meta.get("uid") or group["__key__"].rsplit("/", 1)[-1])
-            yield Sample(uid, group[ext] if ext else None, ext, meta, txt)
+    try:
+        with fs.open(path, "rb") as f:  # tar_file_iterator opens the tar stream itself
+            wanted = lambda name: name.rsplit(".", 1)[-1].lower() in SAFE_EXTENSIONS  # noqa: E731
+            files = ({**m, "__url__": shard} for m in tar_file_iterator(f, select_files=wanted))
+            for group in group_by_keys(files):
+                yield _sample(shard, group)
+    except TrainDataError:
+        raise
+    except _SHARD_ERRORS as e:  # not a tar, cut short, a corrupt compressed tar, a duplicate member name
+        raise TrainDataError(f"{shard}: not a readable shard: {type(e).__name__}: {e}") from e
+
+
+# What a corrupt or truncated shard raises from tarfile, webdataset and the decompressors. TypeError: Python
+# 3.11's tarfile stream mode fails so on a gzip header cut inside its extra field (CPython gh-107398).
+_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, TypeError, zlib.error, lzma.LZMAError)
+
+
+def _sample(shard: str, group: dict[str, Any]) -> Sample:
+    key = group["__key__"]
+    ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+    try:
+        meta = json.loads(group["json"]) if "json" in group else {}
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise TrainDataError(f"{shard}: {key}.json is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise TrainDataError(f"{shard}: {key}.json is a JSON {type(meta).__name__}, not an object")
+    txt = group["txt"].decode("utf-8", "replace") if "txt" in group else None
+    uid = str(meta.get("uid") or key.rsplit("/", 1)[-1])
+    return Sample(uid, group[ext] if ext else None, ext, meta, txt)
 
 
 def in_holdout(uid: str, share: float) -> bool:
@@ -161,25 +184,35 @@ def passes(meta: dict[str, Any], rules: list[Rule], missing: str, min_size: int)
 
 
 def caption_of(sample: Sample, choice: str) -> str:
-    """The training caption: the chosen one, else the shard's txt, else the json caption."""
+    """The training caption: the chosen one, else the shard's txt, else the json caption. Always a str: a
+    json value that is no string (a number, a list) counts as missing."""
     key = {"alt": "caption", "vlm": "caption_vlm", "fused": "caption_fused"}.get(choice)
     text = sample.meta.get(key) if key else None
-    if not text:
+    if not text or not isinstance(text, str):
         text = sample.txt if sample.txt is not None else sample.meta.get("caption")
-    return text or ""
+    return text if isinstance(text, str) else ""
 
 
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def to_pixels(data: bytes, resolution: int, crop: str, flip: bool, rng: np.random.Generator) -> np.ndarray:
-    """Decode, resize the shorter side to ``resolution``, crop a square; [3, r, r] float32 in [-1, 1]."""
+def to_pixels(
+    data: bytes, resolution: int, crop: str, flip: bool, rng: np.random.Generator, name: str = "image"
+) -> np.ndarray:
+    """Decode, resize the shorter side to ``resolution``, crop a square; [3, r, r] float32 in [-1, 1].
+
+    Bytes that do not decode raise :class:`TrainDataError` naming ``name`` (the sample's member)."""
     from PIL import Image
 
     from curate.imagebatch import decode_rgb
 
-    img = decode_rgb(data)
+    try:
+        img = decode_rgb(data)
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as e:
+        # Pillow's errors for a corrupt image include SyntaxError ("broken PNG file") and, from its TIFF
+        # plugin (Pillow 13), TypeError: say what it is. (A .png member may hold any format Pillow reads.)
+        raise TrainDataError(f"{name}: not a decodable image: {type(e).__name__}: {e}") from e
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -308,6 +341,7 @@ class ShardStream:
                 self.cfg.crop,
                 self.cfg.flip,
                 np.random.default_rng(_seed(self.seed, "augment", epoch, s.uid)),
+                name=f"{s.uid}.{s.ext}",
             )
             for s in batch
         ]
@@ -363,7 +397,9 @@ def holdout_samples(shards: list[str], cfg: DataConfig, n: int) -> list[tuple[np
                 continue
             if not passes(s.meta, rules, cfg.missing, cfg.min_size):
                 continue
-            x = to_pixels(s.image, cfg.resolution, "center", False, np.random.default_rng(0))
+            x = to_pixels(
+                s.image, cfg.resolution, "center", False, np.random.default_rng(0), name=f"{s.uid}.{s.ext}"
+            )
             img = np.clip((x.transpose(1, 2, 0) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
             out.append((img, caption_of(s, cfg.caption), s.uid))
             if len(out) >= n:
