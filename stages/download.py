@@ -21,7 +21,9 @@ Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
 ``not_an_image``       the bytes are no image format (HTML served as image/jpeg, ...)
 ``unsupported_format`` an image format not in ``formats``
 ``decode_error``       truncated or corrupt image data
-``too_many_pixels``    width x height above ``max_pixels``: a decompression bomb, refused unread
+``too_many_pixels``    width x height above ``max_pixels``: a decompression bomb, refused unread; or a
+                       stored size above it or above the encoder's side limit (1 x 60,000 under
+                       keep_ratio), refused before decoding
 ``too_small``          smaller side below ``min_image_size``
 ``bad_aspect_ratio``   aspect ratio above ``max_aspect_ratio``
 =====================  ==========================================================================

@@ -15,10 +15,10 @@ import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
 from PIL import Image
-from test_imaging import encode, png_claiming
 
 from curate.config import load_config
 from curate.demo.server import WorldServer
+from curate.hostile import encode, png_claiming
 from curate.runner import run_pipeline
 from curate.stages.download import Download, DownloadConfig
 

@@ -1,33 +1,18 @@
 """Decoding and resizing real images of every awkward kind, with exact expectations."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from curate.hostile import encode, png_claiming
 from curate.imaging import ImageOptions, process, sniff
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def decoded(p) -> Image.Image:
     assert p.status == "ok", p
     return Image.open(io.BytesIO(p.image))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose header (with a valid CRC) claims width x height: a decompression bomb's header."""
-    data = encode(Image.new("RGB", (1, 1)), "PNG")
-    ihdr = struct.pack(">II", width, height) + data[24:29]
-    chunk = b"IHDR" + ihdr
-    return data[:12] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
 
 
 @pytest.mark.parametrize(
