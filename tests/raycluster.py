@@ -198,6 +198,18 @@ class Cluster:
             kill_tree(proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
+    def __enter__(self) -> Cluster:
+        """Started; stopped (every process killed) on leaving, also when starting failed midway."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a node: its process group and every process under it (a job's driver runs in a session of

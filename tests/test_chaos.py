@@ -44,12 +44,8 @@ STAGES = [
 @pytest.fixture(scope="module")
 def cluster():
     """One node, 2 CPUs, no dashboard: its own temp dir, ports and process groups."""
-    c = Cluster(cluster_env(), worker_node=False, dashboard=False, head_cpus=2)
-    try:
-        c.start()
+    with Cluster(cluster_env(), worker_node=False, dashboard=False, head_cpus=2) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

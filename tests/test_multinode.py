@@ -32,12 +32,8 @@ def cluster():
     missing = ray_default_missing()
     if missing:  # a failure, not a skip: CI must run this test
         pytest.fail(f"the dashboard and `ray job submit` need ray[default] (missing: {', '.join(missing)})")
-    c = Cluster(cluster_env())
-    try:
-        c.start()
+    with Cluster(cluster_env()) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
