@@ -37,9 +37,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download_vs_img2dataset import CURATE, QUIET_ENV, _kill_tree, _tree_memory, ensure_img2dataset
 
-from curate.hostile import OFF_MACHINE, HostileServer, closed_port, corpus
-
-DEADLINE = 3.0
+from curate.hostile import DEADLINE, OFF_MACHINE, HostileServer, closed_port, corpus, first_stages
 
 
 def run_capped(cmd: list[str], log: Path, cap: float) -> dict:
@@ -94,21 +92,8 @@ def main() -> None:
         pq.write_table(table, work / "input.parquet")
         print(f"{len(rows)} rows, served at {server.url}", flush=True)
 
-        # curate: the download-only pipeline's settings, at the same budget.
-        stages = [
-            {"stage": "basic_filter", "required_columns": ["caption"], "min_caption_length": 1},
-            {
-                "stage": "download",
-                "concurrency": 32,
-                "connect_timeout": 2,
-                "read_timeout": 2,
-                "total_timeout": DEADLINE,
-                "retries": 1,
-                "image_size": 64,
-                "resize_mode": "center_crop",
-                "allow_private": [f"127.0.0.1:{server.port}", f"127.0.0.1:{closed}"],
-            },
-        ]
+        # curate: download only, at the same budget.
+        stages = first_stages(server.port, closed, concurrency=32)
         doc = {
             "name": "hostile",
             "input": {"path": str(work / "input.parquet"), "url_col": "url", "caption_col": "caption"},

@@ -31,11 +31,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-__all__ = ["CAPTION_CASES", "OFF_MACHINE", "HostileServer", "closed_port", "corpus", "write_inputs"]
+__all__ = [
+    "CAPTION_CASES",
+    "DEADLINE",
+    "OFF_MACHINE",
+    "HostileServer",
+    "closed_port",
+    "corpus",
+    "first_stages",
+    "write_inputs",
+]
 
 HANDLER_CAP = 30.0  # no handler of the server runs longer than this, whatever the client does
 BIG = 50 << 20
 OFF_MACHINE = ("redirect_metadata", "redirect_private", "redirect_file")
+DEADLINE = 3.0  # total_timeout of the download stage of first_stages()
+
+
+def first_stages(port: int, closed: int, **download) -> list[dict]:
+    """The stages the corpus's expected statuses are for: ``basic_filter`` and ``download`` (a 3 s deadline
+    per URL, one retry, 64 px), allowed to reach the server's ``port`` and the ``closed`` one; ``download``
+    overrides or adds download settings."""
+    return [
+        {"stage": "basic_filter", "required_columns": ["caption"], "min_caption_length": 1},
+        {
+            "stage": "download",
+            "connect_timeout": 2,
+            "read_timeout": 2,
+            "total_timeout": DEADLINE,
+            "retries": 1,
+            "image_size": 64,
+            "resize_mode": "center_crop",
+            "allow_private": [f"127.0.0.1:{port}", f"127.0.0.1:{closed}"],
+            **download,
+        },
+    ]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

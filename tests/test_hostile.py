@@ -28,46 +28,38 @@ import webdataset as wds
 from conftest import sidecars, write_pipeline
 
 from curate.config import load_config
-from curate.hostile import CAPTION_CASES, HANDLER_CAP, HostileServer, closed_port, corpus, write_inputs
+from curate.hostile import (
+    CAPTION_CASES,
+    DEADLINE,
+    HANDLER_CAP,
+    HostileServer,
+    closed_port,
+    corpus,
+    first_stages,
+    write_inputs,
+)
 from curate.runner import run_pipeline
 from curate.testing import make_tiny_clip
 
 pytestmark = pytest.mark.slow
 
-TOTAL_TIMEOUT = 3.0  # the per-URL deadline of the pipeline below
 MAX_BYTES = 8 << 20
 LIMIT_MIB = 128
 
 
-STAGES = [
-    {"stage": "basic_filter", "required_columns": ["caption"], "min_caption_length": 1},
-    {
-        "stage": "download",
-        "concurrency": 64,
-        "connect_timeout": 2,
-        "read_timeout": 2,
-        "total_timeout": TOTAL_TIMEOUT,
-        "retries": 1,
-        "backoff": 0.2,
-        "max_bytes": MAX_BYTES,
-        "image_size": 64,
-        "resize_mode": "center_crop",
-    },
-    {"stage": "clip_score", "model": "local-dir:CLIP", "batch_size": 16},
+MODEL_STAGES = [
+    {"stage": "clip_score", "batch_size": 16},
     {"stage": "nsfw", "backend": "opennsfw"},
     {"stage": "filter", "rules": ["nsfw_score < 0.99"]},
     {"stage": "dedup", "perceptual": {"max_distance": 4}, "semantic": False},
 ]
 
 
-def configured(stage: dict, srv: HostileServer, clip: Path, closed: int) -> dict:
-    """The stage with this run's addresses: the server, and a port nobody listens on (allowed, so that a
-    refused connection is what the download meets there)."""
-    if stage["stage"] == "download":
-        return {**stage, "allow_private": [f"127.0.0.1:{srv.port}", f"127.0.0.1:{closed}"]}
-    if stage["stage"] == "clip_score":
-        return {**stage, "model": f"local-dir:{clip}"}
-    return stage
+def pipeline_stages(srv: HostileServer, closed: int, clip: Path) -> list[dict]:
+    """basic_filter and download (with this run's addresses), then scoring, filtering and dedup."""
+    download = {"concurrency": 64, "backoff": 0.2, "max_bytes": MAX_BYTES}
+    scoring = [{**s, "model": f"local-dir:{clip}"} if s["stage"] == "clip_score" else s for s in MODEL_STAGES]
+    return first_stages(srv.port, closed, **download) + scoring
 
 
 def run_measured(pipeline: Path, peak_file: Path) -> subprocess.CompletedProcess:
@@ -98,7 +90,7 @@ def hostile(tmp_path_factory):
         closed = closed_port()
         rows = corpus(srv, canary.getsockname()[1], closed)
         clip = make_tiny_clip(tmp / "clip")
-        stages = [configured(s, srv, clip, closed) for s in STAGES]
+        stages = pipeline_stages(srv, closed, clip)
         # The baseline: the same pipeline on the same server, over the rows that are plain good images.
         plain = [r for r in rows if r[3] == "ok" and r[0] not in CAPTION_CASES]
         write_inputs(tmp / "plain", plain)
@@ -158,7 +150,7 @@ def test_no_url_is_served_past_its_deadline(hostile):
         "big_50mb_chunked",
     ):
         assert f"/{name}" in spans, name
-    late = {p: max(s) for p, s in spans.items() if max(s) > TOTAL_TIMEOUT + 1}
+    late = {p: max(s) for p, s in spans.items() if max(s) > DEADLINE + 1}
     assert not late, late
 
 
@@ -276,7 +268,7 @@ def test_a_tls_handshake_a_byte_a_second_is_cut_at_the_deadline():
         user_agent="curate-test",
         connect_timeout=2,
         read_timeout=2,
-        total_timeout=TOTAL_TIMEOUT,
+        total_timeout=DEADLINE,
         retries=0,
         robots_txt=False,
         allow_private=(f"127.0.0.1:{port}",),
@@ -286,4 +278,4 @@ def test_a_tls_handshake_a_byte_a_second_is_cut_at_the_deadline():
     elapsed = time.monotonic() - started
     thread.join(HANDLER_CAP)
     listener.close()
-    assert result.status == "timeout" and elapsed < TOTAL_TIMEOUT + 1, (result, elapsed)
+    assert result.status == "timeout" and elapsed < DEADLINE + 1, (result, elapsed)
