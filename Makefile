@@ -1,26 +1,40 @@
-# The quick start: `make demo` and `make test` each set up .venv on first use.
+# The quick start: `make demo` and `make test` each set up .venv on first use, from uv.lock.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# uv comes from PyPI into a small venv of its own (.uv/), so the quick start needs only Python and make.
+UV_VERSION := 0.13.9
+UV_HOME    := .uv
+UV         := $(UV_HOME)/bin/uv
+# uv creates .venv with this Python, never one it would download.
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS    := never
 
-.PHONY: test demo lint format bench audit fuzz clean
+.PHONY: test demo lint format bench audit fuzz lock clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+$(UV):
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 
-# Reinstall only when the project's dependencies change.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+# Reinstall only when the lock changes. --locked refuses a uv.lock that no longer matches pyproject.toml
+# (run `make lock`); sync is exact: .venv holds the locked dev set and curate (editable), nothing else.
+$(STAMP): uv.lock pyproject.toml | $(UV)
+	$(UV) sync --locked --extra dev --python $(PYTHON)
 	touch $(STAMP)
+
+# Refresh uv.lock after a change of pyproject.toml's dependencies (newest releases that fit where it must
+# change, the locked ones elsewhere); `make lock ARGS=--upgrade` moves everything to the newest.
+lock: | $(UV)
+	$(UV) lock $(ARGS)
 
 # ruff's rules include flake8-bandit (S): unsafe calls fail here. The registry audit fails on yanked
 # releases and on known vulnerabilities of the installed packages, from the registry's project pages.
 test: $(STAMP)
+	$(UV) lock --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python scripts/registry_audit.py --ignore audit-ignore.txt
+	$(BIN)/python scripts/registry_audit.py --lock uv.lock --ignore audit-ignore.txt
 	$(BIN)/python -m pytest -q
 
 # The demo runs offline: it builds the sample world, serves it on 127.0.0.1 and runs pipelines/demo.yaml.
@@ -49,11 +63,11 @@ audit: $(STAMP)
 # crashing inputs go to fuzz/.work/ (not in git). Fails when a harness finds a crash. See fuzz/README.md.
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
-	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install -q 'atheris>=2.3'
+	$(UV) sync --locked --inexact --extra dev --extra fuzz --python $(PYTHON)
 	PYTHON=$(BIN)/python FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_executors.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(UV_HOME) build *.egg-info .pytest_cache .ruff_cache

@@ -3,7 +3,8 @@
 ``make audit`` runs pip-audit, which needs the registry's per-release JSON or the OSV service; where neither
 can be reached (a registry mirror that serves project pages only, as on our CI machines) it can check
 nothing. This check asks only for what such a mirror gives: the project JSON of each installed
-distribution. From it:
+distribution, or of each release a uv.lock pins (``--lock``: every release of every extra, so also those
+a GPU node installs, before anything is installed). From it:
 
 - **yanked**: the installed version is yanked on the registry (PEP 592), with the yank reason. Checked for
   every package.
@@ -24,6 +25,7 @@ import json
 import re
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,6 +43,17 @@ def installed(skip: set[str]) -> dict[str, str]:
         name = canonical(dist.metadata["Name"] or "")
         if name and name not in skip:
             found[name] = dist.version
+    return found
+
+
+def locked(path: Path, skip: set[str]) -> dict[str, list[str]]:
+    """Every registry release a uv.lock pins, by name (a lock may pin two releases of one name, one per
+    Python or platform fork); the project itself and path or git sources are not on the registry."""
+    found: dict[str, list[str]] = {}
+    for package in tomllib.loads(path.read_text())["package"]:
+        name = canonical(package["name"])
+        if "registry" in package.get("source", {}) and name not in skip:
+            found.setdefault(name, []).append(package["version"])
     return found
 
 
@@ -88,13 +101,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ignore", type=Path, help="accepted advisory ids, one per line")
     ap.add_argument("--skip", action="append", default=["curate"], help="distributions not to check")
+    ap.add_argument("--lock", type=Path, help="audit the releases this uv.lock pins, not the installed ones")
     ap.add_argument("--index", default=PyPI.pypi_url, help="the registry's JSON API base")
     args = ap.parse_args()
     ignored = set()
     if args.ignore and args.ignore.exists():
         lines = args.ignore.read_text().splitlines()
         ignored = {ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()}
-    packages = installed({canonical(s) for s in args.skip})
+    skip = {canonical(s) for s in args.skip}
+    if args.lock:
+        releases = locked(args.lock, skip)
+    else:
+        releases = {name: [version] for name, version in installed(skip).items()}
+    packages = sorted(releases)
     try:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             pages = dict(
@@ -104,12 +123,14 @@ def main() -> int:
         print(f"registry audit: cannot reach the registry ({e}); nothing was checked", file=sys.stderr)
         return 2
     findings, coverage = [], {"exact": [], "older": [], "absent": []}
-    for name in sorted(packages):
-        found, how = audit(name, packages[name], pages[name], ignored)
-        findings += found
-        coverage[how].append(f"{name}=={packages[name]}")
+    for name in packages:
+        for version in releases[name]:
+            found, how = audit(name, version, pages[name], ignored)
+            findings += found
+            coverage[how].append(f"{name}=={version}")
     print(
-        f"registry audit: {len(packages)} packages; yanked releases checked for all; known vulnerabilities "
+        f"registry audit{f' of {args.lock}' if args.lock else ''}: {sum(map(len, releases.values()))} "
+        f"releases of {len(packages)} packages; yanked releases checked for all; known vulnerabilities "
         f"checked for {len(coverage['exact'])} (the latest release), not for {len(coverage['older'])} older "
         f"releases; {len(coverage['absent'])} not on the registry"
     )

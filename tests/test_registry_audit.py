@@ -105,3 +105,20 @@ def test_an_unreachable_registry_is_not_a_pass(monkeypatch, capsys):
         port = s.getsockname()[1]
     code, out = run(monkeypatch, capsys, "--index", f"http://127.0.0.1:{port}/pypi")
     assert code == 2 and "nothing was checked" in out
+
+
+def test_the_locked_set_every_release_of_every_fork(monkeypatch, capsys, registry, tmp_path):
+    """--lock audits what uv.lock pins, installed or not: both releases of a name pinned twice, never the
+    project itself; the installed pyyaml fails as before, an older pinned pyyaml is counted as unchecked."""
+    pyyaml = importlib.metadata.version("pyyaml")
+    (tmp_path / "uv.lock").write_text(
+        'version = 1\n\n[[package]]\nname = "curate"\nversion = "0.1.0"\nsource = { editable = "." }\n\n'
+        f'[[package]]\nname = "PyYAML"\nversion = "{pyyaml}"\nsource = {{ registry = "https://x/simple" }}\n\n'
+        '[[package]]\nname = "pyyaml"\nversion = "1.0"\nsource = { registry = "https://x/simple" }\n\n'
+        '[[package]]\nname = "not-here"\nversion = "2.0"\nsource = { registry = "https://x/simple" }\n\n'
+        '[[package]]\nname = "local"\nversion = "0.1"\nsource = { directory = "vendor/local" }\n'
+    )
+    code, out = run(monkeypatch, capsys, "--index", registry, "--lock", str(tmp_path / "uv.lock"))
+    assert code == 1 and out.count("FAIL") == 1 and f"FAIL pyyaml {pyyaml}" in out
+    assert "3 releases of 2 packages" in out and "pyyaml==1.0" in out and "not-here==2.0" in out
+    assert "curate" not in out and "local" not in out
