@@ -22,11 +22,11 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import support.testing  # registers the synthetic_image and caption_chars stages
 import yaml
 
-import curate.testing  # registers the synthetic_image and caption_chars stages
-from curate.config import load_config
-from curate.runner import run_pipeline
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
 
 KINDS = ("local", "ray", "ray warm")
 GOAL = 1.10
@@ -69,7 +69,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        curate.testing.make_input(tmp / "in.parquet", args.rows, bad_every=23)
+        support.testing.make_input(tmp / "in.parquet", args.rows, bad_every=23)
         doc = {
             "name": "bench",
             "input": {"path": str(tmp / "in.parquet"), "url_col": "URL", "caption_col": "TEXT"},

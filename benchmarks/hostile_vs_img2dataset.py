@@ -1,4 +1,4 @@
-"""The hostile corpus (curate.hostile) downloaded by curate and by img2dataset, same server, same URLs, same run.
+"""The hostile corpus (support.hostile) downloaded by curate and by img2dataset, same server, same URLs, same run.
 
 What a crawl of the open web meets, 43 kinds of row: bombs, bodies of 50 MB and without end, a response a
 byte a second, headers without end, a lying Content-Length, redirect loops, captions of 10 MB, nulls. The
@@ -36,8 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download_vs_img2dataset import CURATE, QUIET_ENV, _kill_tree, _tree_memory, ensure_img2dataset
-
-from curate.hostile import DEADLINE, OFF_MACHINE, HostileServer, closed_port, corpus, first_stages
+from support.hostile import DEADLINE, OFF_MACHINE, HostileServer, closed_port, corpus, first_stages
 
 
 def run_capped(cmd: list[str], log: Path, cap: float) -> dict:

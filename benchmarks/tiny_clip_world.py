@@ -25,7 +25,7 @@ from PIL import Image
 
 from curate.demo.tiny_clip import CALIBRATION_FILE, train_tiny_clip
 from curate.demo.world import build_world
-from curate.imaging import ImageOptions, process
+from curate.kit.imaging import ImageOptions, process
 from curate.models.clip import ClipModel
 
 DOWNLOAD = ImageOptions(image_size=256, resize_mode="center_crop", encode_quality=95)

@@ -1,5 +1,5 @@
 # ruff: noqa: S101 - a fuzz harness states its invariants as asserts
-"""Fuzz caption cleaning: curate.reader.clean_caption and curate.reader._valid_utf8.
+"""Fuzz caption cleaning: curate.core.reader.clean_caption and curate.core.reader._valid_utf8.
 
 Invariants of ``clean_caption(text, max_chars)``: the output is NFC; it holds no lone surrogate and no
 control character (C0, DEL, C1) except tab, newline and carriage return; it is at most ``max_chars`` code
@@ -21,12 +21,12 @@ import unicodedata
 if __name__ == "__main__":
     import atheris
 
-    _instrumented = atheris.instrument_imports(include=["curate.reader"])
+    _instrumented = atheris.instrument_imports(include=["curate.core.reader"])
 else:
     _instrumented = contextlib.nullcontext()
 
 with _instrumented:
-    from curate.reader import _valid_utf8, clean_caption
+    from curate.core.reader import _valid_utf8, clean_caption
 
 MAX_CHARS = (None, 1, 2, 5, 16, 200)
 KEPT_CONTROLS = {"\t", "\n", "\r"}

@@ -1,5 +1,5 @@
 # ruff: noqa: S101 - a fuzz harness states its invariants as asserts
-"""Fuzz curate.imaging.process: downloaded bytes to a stored image, over a few option combinations.
+"""Fuzz curate.kit.imaging.process: downloaded bytes to a stored image, over a few option combinations.
 
 Invariant: process() never raises; the status is one of the taxonomy's image statuses; an ``ok`` result
 carries non-empty image bytes that Pillow opens in the asked encoding, with the reported width and height,
@@ -27,7 +27,7 @@ else:
 with _instrumented:
     from PIL import Image
 
-    from curate.imaging import ImageOptions, Processed, process
+    from curate.kit.imaging import ImageOptions, Processed, process
 
     Image.init()  # every Pillow plugin, instrumented (Image.open would load them later, uninstrumented)
 

@@ -1,8 +1,8 @@
 # ruff: noqa: S101 - a fuzz harness states its invariants as asserts
-"""Fuzz input reading: curate.reader.InputReader over csv / tsv / jsonl / parquet (and gzip'd text) files.
+"""Fuzz input reading: curate.core.reader.InputReader over csv / tsv / jsonl / parquet (and gzip'd text) files.
 
 Invariant: planning and loading every shard either succeeds, with every row accounted for, or raises
-``InputError`` (curate.reader), which the CLI prints. Accounted for: the shards' row counts add up to the
+``InputError`` (curate.core.reader), which the CLI prints. Accounted for: the shards' row counts add up to the
 rows loaded; ``input_index`` runs 0..n-1 across shards; the table starts with the core columns, and its
 columns are the ones ``column_names()`` announced; urls are str or null, a null url has status
 ``invalid_url``; within a shard the uids of ``ok`` rows are unique (repeats are ``duplicate_row``); every
@@ -30,9 +30,10 @@ else:
     _instrumented = contextlib.nullcontext()
 
 with _instrumented:
-    from curate.config import InputConfig
-    from curate.reader import InputError, InputReader
-    from curate.schema import CORE_COLUMNS
+    from curate.base import InputError
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
+    from curate.core.schema import CORE_COLUMNS
 
 SUFFIXES = ("csv", "tsv", "jsonl", "parquet", "csv.gz", "jsonl.gz", "txt")
 SHARD_SIZES = (1, 2, 3, 1000)

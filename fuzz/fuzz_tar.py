@@ -35,9 +35,10 @@ with _instrumented:
     import webdataset.tariterators  # noqa: F401 - imported here so that it is instrumented
     from PIL import Image
 
-    import curate.imagebatch  # noqa: F401 - likewise (to_pixels imports it lazily)
-    from curate.rules import parse_rule
-    from curate.train.data import Sample, TrainDataError, caption_of, iter_samples, passes, to_pixels
+    import curate.kit.image_batches  # noqa: F401 - likewise (to_pixels imports it lazily)
+    from curate.base import TrainDataError
+    from curate.kit.rules import parse_rule
+    from curate.train.data import Sample, caption_of, iter_samples, passes, to_pixels
 
     Image.init()  # every Pillow plugin, instrumented (Image.open would load them later, uninstrumented)
 

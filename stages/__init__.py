@@ -1,2 +1,2 @@
 """curate's stages, one module each; installed as ``curate.stages``. Names in YAML map to classes in
-``curate.registry``."""
+``curate.core.registry``."""

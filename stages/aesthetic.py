@@ -15,17 +15,17 @@ import numpy as np
 import pyarrow as pa
 from pydantic import model_validator
 
-from curate.cliphead import (
+from curate.core.schema import Column, declare
+from curate.core.stage import Stage, StageResources
+from curate.kit.clip_heads import (
     ClipHeadConfig,
     ClipHeadScorer,
     check_default_head,
     clip_head_weights,
     require,
 )
-from curate.imagebatch import scatter, set_column
+from curate.kit.image_batches import scatter, set_column
 from curate.models.weights import WeightsSpec
-from curate.schema import Column, declare
-from curate.stage import Stage, StageResources
 
 declare(
     Column(

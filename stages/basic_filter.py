@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from curate.config import StrictModel
-from curate.stage import Stage, StageResources, drop
+from curate.base import StrictModel
+from curate.core.stage import Stage, StageResources, drop
 
 
 class BasicFilterConfig(StrictModel):

@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from curate.blocklist import read_hash_list
-from curate.config import StrictModel
-from curate.hashing import HashIndex, hex_to_uint64
-from curate.schema import Column, declare
-from curate.stage import Stage, StageResources, drop
+from curate.base import StrictModel
+from curate.core.schema import Column, declare
+from curate.core.stage import Stage, StageResources, drop
+from curate.kit.hash_lists import read_hash_list
+from curate.kit.hashing import HashIndex, hex_to_uint64
 
 REASON = "blocklisted"
 

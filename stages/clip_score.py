@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.config import StrictModel
-from curate.imagebatch import iter_batches, rows_to_score, scatter, set_column
+from curate.base import StrictModel
+from curate.core.schema import Column, declare
+from curate.core.stage import Stage, StageResources
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
 from curate.models.device import Device, Precision
 from curate.models.weights import WeightsSpec
-from curate.schema import Column, declare
-from curate.stage import Stage, StageResources
 
 EMBEDDING = pa.list_(pa.float16())
 for _c in [

@@ -14,7 +14,7 @@ rows ``contaminated``, and ``dup_of`` / ``dup_kind`` / ``dup_similarity`` say wh
 written to ``<output>/dedup/<stage name>.parquet`` with a summary beside it.
 
 Exact groups fold into their best row first; perceptual and semantic pairs are found among those rows, and
-one walk in keep order (:func:`curate.dedup.resolve`) decides, so every dropped row points to a kept one.
+one walk in keep order (:func:`curate.kit.duplicates.resolve`) decides, so every dropped row points to a kept one.
 Decontamination runs before dedup, so a row is never kept for being the best copy of an evaluation image.
 """
 
@@ -32,8 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
-from curate.config import StrictModel
-from curate.dedup import (
+from curate.base import StrictModel
+from curate.core.schema import COLUMNS, Column, declare, is_kept
+from curate.core.stage import GlobalStage, StageResources, drop
+from curate.core.storage import filesystem, write_atomic, write_json_atomic
+from curate.kit.duplicates import (
     KIND_NAMES,
     Decisions,
     Pairs,
@@ -44,10 +47,7 @@ from curate.dedup import (
     semantic_pairs,
     use_gpu,
 )
-from curate.hashing import hamming, hex_to_uint64
-from curate.schema import COLUMNS, Column, declare, is_kept
-from curate.stage import GlobalStage, StageResources, drop
-from curate.storage import filesystem, write_atomic, write_json_atomic
+from curate.kit.hashing import hamming, hex_to_uint64
 
 for _c in [
     Column(
@@ -651,7 +651,7 @@ def _load_eval(c: DecontaminateConfig, rows: _Rows) -> dict[str, Any]:
 
     from PIL import Image
 
-    from curate.hashing import phash
+    from curate.kit.hashing import phash
 
     path = Path(c.path).expanduser()
     out: dict[str, Any] = {

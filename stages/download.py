@@ -43,11 +43,11 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 import curate
-from curate.config import StrictModel
-from curate.imaging import ImageOptions, Processed, process
-from curate.net import Fetcher, FetchPolicy
-from curate.schema import COLUMNS, Column, declare, is_kept
-from curate.stage import Stage, StageResources
+from curate.base import StrictModel
+from curate.core.schema import COLUMNS, Column, declare, is_kept
+from curate.core.stage import Stage, StageResources
+from curate.kit.imaging import ImageOptions, Processed, process
+from curate.kit.net import Fetcher, FetchPolicy
 
 declare(Column("mime", pa.string(), "download", "MIME type of the downloaded bytes, from their magic number"))
 declare(
@@ -55,7 +55,7 @@ declare(
         "phash",
         pa.string(),
         "download",
-        "64-bit DCT perceptual hash of the stored image, 16 hex digits (curate.hashing.phash)",
+        "64-bit DCT perceptual hash of the stored image, 16 hex digits (curate.kit.hashing.phash)",
     )
 )
 declare(

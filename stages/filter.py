@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import AfterValidator, Field
 
-from curate.config import StrictModel
-from curate.rules import Rule, first_failure, parse_rule
-from curate.schema import COLUMNS
-from curate.stage import Stage, StageResources, drop
+from curate.base import StrictModel
+from curate.core.schema import COLUMNS
+from curate.core.stage import Stage, StageResources, drop
+from curate.kit.rules import Rule, first_failure, parse_rule
 
 
 def _valid_rule(text: str) -> str:

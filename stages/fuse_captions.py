@@ -7,7 +7,7 @@ the alt-text, the structure and visual detail of the synthetic caption, without 
 
 Writes, for every row that is ok and kept:
 
-- ``caption_fused``: the LLM's answer, cleaned (see :func:`curate.captions.clean_fused_caption`); where that
+- ``caption_fused``: the LLM's answer, cleaned (see :func:`curate.kit.captions.clean_fused_caption`); where that
   answer is unusable, or there was nothing to fuse, ``caption_vlm`` instead;
 - ``fusion_status``, what happened:
 
@@ -34,11 +34,11 @@ import re
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.captions import clean_fused_caption, cut_to_length, instruction_fragments, one_line
-from curate.generation import HubModelConfig, HubModelStage
-from curate.imagebatch import scatter, set_column
-from curate.schema import Column, declare, is_kept
-from curate.stage import StageResources
+from curate.core.schema import Column, declare, is_kept
+from curate.core.stage import StageResources
+from curate.kit.captions import clean_fused_caption, cut_to_length, instruction_fragments, one_line
+from curate.kit.hub_model_stage import HubModelConfig, HubModelStage
+from curate.kit.image_batches import scatter, set_column
 
 for _c in [
     Column("caption_fused", pa.string(), "fuse_captions", "alt-text and caption_vlm merged by an LLM"),

@@ -22,11 +22,17 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.cliphead import ClipHeadConfig, ClipHeadScorer, check_default_head, clip_head_weights, require
-from curate.imagebatch import iter_batches, rows_to_score, scatter, set_column
+from curate.core.schema import Column, declare
+from curate.core.stage import Stage, StageResources
+from curate.kit.clip_heads import (
+    ClipHeadConfig,
+    ClipHeadScorer,
+    check_default_head,
+    clip_head_weights,
+    require,
+)
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
 from curate.models.weights import WeightsSpec
-from curate.schema import Column, declare
-from curate.stage import Stage, StageResources
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.captions import clean_vlm_caption
-from curate.generation import HubModelConfig, HubModelStage
-from curate.imagebatch import iter_batches, rows_to_score, scatter, set_column
-from curate.schema import Column, declare
-from curate.stage import StageResources
+from curate.core.schema import Column, declare
+from curate.core.stage import StageResources
+from curate.kit.captions import clean_vlm_caption
+from curate.kit.hub_model_stage import HubModelConfig, HubModelStage
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
 
 for _c in [
     Column("caption_vlm", pa.string(), "recaption", "synthetic caption written by a vision-language model"),

@@ -25,12 +25,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.config import ConfigError, StrictModel
-from curate.imagebatch import iter_batches, rows_to_score, scatter, set_column
+from curate.base import ConfigError, StrictModel
+from curate.core.schema import Column, declare
+from curate.core.stage import Stage, StageResources
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
 from curate.models.device import Device, Precision
 from curate.models.weights import WeightsSpec
-from curate.schema import Column, declare
-from curate.stage import Stage, StageResources
 
 for _c in [
     Column("watermark_score", pa.float32(), "watermark", "P(visible watermark), LAION's watermark detector"),

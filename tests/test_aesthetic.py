@@ -11,13 +11,13 @@ import pytest
 from conftest import score_shard
 from PIL import Image
 from pydantic import ValidationError
+from support.testing import make_tiny_clip
 
-from curate.imagebatch import decode_rgb
+from curate.base import ModelNotFound
+from curate.kit.image_batches import decode_rgb
 from curate.models.clip import ClipModel
 from curate.models.heads import AESTHETIC_L14, AestheticHead, load_aesthetic_head
-from curate.models.weights import ModelNotFound
 from curate.stages.aesthetic import Aesthetic, AestheticConfig
-from curate.testing import make_tiny_clip
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
+from support.testing import make_tiny_clip
 
-import curate.takedown
-from curate.config import load_config
+import curate.tools.takedown
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
 from curate.index import Retriever, build_index
-from curate.runner import run_pipeline
-from curate.testing import make_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_blocklist_config_errors_name_the_file_and_line(tmp_path):
 
 
 def test_hash_index_is_the_brute_force_nearest():
-    from curate.hashing import HashIndex, hamming
+    from curate.kit.hashing import HashIndex, hamming
 
     rng = np.random.default_rng(0)
     listed = rng.integers(0, 2**63, 500, dtype=np.uint64)
@@ -256,8 +256,8 @@ def test_a_takedown_killed_midway_is_completed_by_a_rerun(base, monkeypatch, tmp
     clean, _ = _copy(base, "clean")
     crashed, _ = _copy(base, "crashed")
     victims = _victims(clean)
-    curate.takedown.takedown(str(clean), uids=victims, source="x")
-    real, calls = curate.takedown.write_atomic, []
+    curate.tools.takedown.takedown(str(clean), uids=victims, source="x")
+    real, calls = curate.tools.takedown.write_atomic, []
 
     def failing(fs, path, data):
         calls.append(path)
@@ -265,14 +265,14 @@ def test_a_takedown_killed_midway_is_completed_by_a_rerun(base, monkeypatch, tmp
             raise OSError("disk on fire")
         return real(fs, path, data)
 
-    monkeypatch.setattr(curate.takedown, "write_atomic", failing)
+    monkeypatch.setattr(curate.tools.takedown, "write_atomic", failing)
     with pytest.raises(OSError, match="disk on fire"):
-        curate.takedown.takedown(str(crashed), uids=victims, source="x")
-    monkeypatch.setattr(curate.takedown, "write_atomic", real)
+        curate.tools.takedown.takedown(str(crashed), uids=victims, source="x")
+    monkeypatch.setattr(curate.tools.takedown, "write_atomic", real)
     assert (crashed / "takedown" / "pending.json").exists() and not (
         crashed / "takedown" / "audit.jsonl"
     ).exists()
-    record = curate.takedown.takedown(str(crashed), uids=victims, source="x")
+    record = curate.tools.takedown.takedown(str(crashed), uids=victims, source="x")
     assert record["resumed"] and record["removed_anything"]
     want = {k.replace("clean", "crashed"): v for k, v in _snapshot(clean).items()}
     got = _snapshot(crashed)

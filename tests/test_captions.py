@@ -7,7 +7,7 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from curate.captions import (
+from curate.kit.captions import (
     TrainCaption,
     clean_fused_caption,
     clean_vlm_caption,

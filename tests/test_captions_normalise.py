@@ -1,4 +1,4 @@
-"""Captions are cleaned as they are read (curate.reader.clean_caption), and odd input never crashes."""
+"""Captions are cleaned as they are read (curate.core.reader.clean_caption), and odd input never crashes."""
 
 import json
 import unicodedata
@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import InputConfig
-from curate.reader import InputError, InputReader, clean_caption
-from curate.schema import uid_for
+from curate.base import InputError
+from curate.core.config import InputConfig
+from curate.core.reader import InputReader, clean_caption
+from curate.core.schema import uid_for
 
 
 def read_all(cfg: InputConfig) -> pa.Table:
@@ -65,7 +66,7 @@ def test_uid_uses_the_caption_as_read(tmp_path):
 
 
 def test_default_cap_keeps_the_fingerprint_of_older_configs(tmp_path):
-    from curate.config import PipelineConfig
+    from curate.core.config import PipelineConfig
 
     base = {"name": "n", "input": {"path": "x"}, "output": {"path": "o"}, "stages": []}
     default = PipelineConfig.model_validate(base)

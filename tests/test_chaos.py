@@ -24,10 +24,10 @@ import psutil
 import pytest
 from conftest import shard_files, sidecars, write_pipeline
 from raycluster import CURATE, Cluster, cluster_env
+from support.testing import make_input
 
-from curate.config import load_config
-from curate.runner import collect_output, run_pipeline
-from curate.testing import make_input
+from curate.core.config import load_config
+from curate.core.runner import collect_output, run_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,10 @@ import time
 
 import pytest
 from conftest import shard_files, sidecars, write_pipeline
-
-from curate.testing import make_input
+from support.testing import make_input
 
 # `curate` with the test-only stages registered, in its own process.
-CURATE = [sys.executable, "-c", "import curate.testing; from curate.cli import main; main()"]
+CURATE = [sys.executable, "-c", "import support.testing; from curate.cli import main; main()"]
 
 
 def curate(*args, **kw):

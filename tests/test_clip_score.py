@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shard_files, write_pipeline
 from PIL import Image
+from support.testing import make_tiny_clip
 
 from curate.stages.clip_score import ClipScore, ClipScoreConfig
-from curate.testing import make_tiny_clip
 
 open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
@@ -79,8 +79,9 @@ def test_scores_are_the_cosine_of_open_clip_embeddings(tiny_clip):
 
 def test_weights_file_of_a_registered_architecture(tiny_clip, tmp_path):
     """``pretrained=<file>``: the route a hub tag's file takes, through open_clip's loader."""
+    from support.testing import TINY_CLIP_CFG
+
     from curate.models.clip import ClipModel
-    from curate.testing import TINY_CLIP_CFG
 
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "curate-tiny-test.json").write_text(json.dumps(TINY_CLIP_CFG))
@@ -97,8 +98,8 @@ def test_weights_file_of_a_registered_architecture(tiny_clip, tmp_path):
 
 
 def test_unknown_tag_names_the_tags_there_are():
+    from curate.base import ModelNotFound
     from curate.models.clip import clip_weights
-    from curate.models.weights import ModelNotFound
 
     with pytest.raises(ModelNotFound, match="datacomp_xl_s13b_b90k"):
         clip_weights("ViT-L-14", "no-such-tag")

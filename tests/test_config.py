@@ -4,9 +4,10 @@ import re
 
 import pytest
 import yaml
+from support.testing import make_input
 
-from curate.config import ConfigError, apply_overrides, load_config
-from curate.testing import make_input
+from curate.base import ConfigError
+from curate.core.config import apply_overrides, load_config
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from conftest import shard_files, sidecars, write_pipeline
 from PIL import Image, ImageOps
 
-from curate.dedup import (
+from curate.kit.duplicates import (
     KIND_PERCEPTUAL,
     KIND_SEMANTIC,
     Pairs,
@@ -24,7 +24,7 @@ from curate.dedup import (
     resolve,
     semantic_pairs,
 )
-from curate.hashing import hamming, hex_to_uint64, phash, phashes
+from curate.kit.hashing import hamming, hex_to_uint64, phash, phashes
 
 # --- hashes -------------------------------------------------------------------------------------------
 

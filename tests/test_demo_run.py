@@ -10,8 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sidecars
-
-from curate.testing import make_tiny_clip
+from support.testing import make_tiny_clip
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])

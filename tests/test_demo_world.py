@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from curate.core.schema import uid_for
 from curate.demo.server import SAMPLE_JPEG_CAPTION, WorldServer, sample_jpeg
 from curate.demo.world import COLOURS, NOISE_RATES, World, build_world
-from curate.schema import uid_for
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

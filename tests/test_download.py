@@ -15,11 +15,11 @@ import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
 from PIL import Image
+from support.hostile import encode, png_claiming
 
-from curate.config import load_config
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
 from curate.demo.server import WorldServer
-from curate.hostile import encode, png_claiming
-from curate.runner import run_pipeline
 from curate.stages.download import Download, DownloadConfig
 
 
@@ -133,7 +133,7 @@ def test_every_failure_has_its_status(server):
 
 
 def test_x_robots_tag_parsing():
-    from curate.net import _opt_out
+    from curate.kit.net import _opt_out
 
     assert _opt_out([("X-Robots-Tag", "noarchive, NoAI")]) == "noai"
     assert _opt_out([("x-robots-tag", "googlebot: noindex")]) is None  # for another crawler

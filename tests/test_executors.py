@@ -6,11 +6,11 @@ import json
 import pytest
 import webdataset as wds
 from conftest import shard_files, sidecars, write_pipeline
+from support.testing import make_input
 
-from curate.config import load_config
-from curate.runner import run_pipeline
-from curate.schema import is_kept
-from curate.testing import make_input
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
+from curate.core.schema import is_kept
 
 STAGES = [
     {"stage": "synthetic_image", "size": 16},

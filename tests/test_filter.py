@@ -2,10 +2,10 @@ import pyarrow as pa
 import pytest
 from conftest import write_pipeline
 from pydantic import ValidationError
+from support.testing import make_input
 
-from curate.rules import first_failure, parse_rule
+from curate.kit.rules import first_failure, parse_rule
 from curate.stages.filter import ThresholdFilter, ThresholdFilterConfig
-from curate.testing import make_input
 
 
 def table(scores, nsfw=None, status=None, drop_reason=None):

@@ -13,7 +13,7 @@ import webdataset as wds
 from conftest import sidecars, write_pipeline
 from pydantic import ValidationError
 
-from curate.config import ConfigError
+from curate.base import ConfigError
 from curate.stages.fuse_captions import DEFAULT_PROMPT, FuseCaptions, FuseCaptionsConfig, fill_prompt
 
 torch = pytest.importorskip("torch")
@@ -297,7 +297,7 @@ def test_pipeline_recaptions_and_fuses_kept_rows_and_trains_on_the_fused_caption
 
 
 def test_train_caption_fused_without_the_stage_fails_before_any_work(tmp_path, cli):
-    from curate.testing import make_input
+    from support.testing import make_input
 
     stages = [{"stage": "synthetic_image"}]
     pipe = write_pipeline(

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.imaging import ImageOptions, Processed, process
-from curate.reader import InputError, clean_caption
-from curate.train.data import TrainDataError, iter_samples, to_pixels
+from curate.base import InputError, TrainDataError
+from curate.core.reader import clean_caption
+from curate.kit.imaging import ImageOptions, Processed, process
+from curate.train.data import iter_samples, to_pixels
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
 HARNESSES = ("image", "tar", "caption", "input")
@@ -134,7 +135,7 @@ def test_tar_harness_lets_only_train_data_errors_through(harness, monkeypatch):
 def test_caption_harness_catches_the_old_order(harness, monkeypatch):
     """The clean_caption of before finding 1 (controls removed after NFC) fails the harness."""
     h = harness["caption"]
-    from curate import reader
+    from curate.core import reader
 
     def old(caption, max_chars):
         caption = unicodedata.normalize("NFC", caption)
@@ -275,8 +276,8 @@ def test_finding_4_a_corrupt_shard_is_a_train_data_error(tmp_path, members, matc
 
 @pytest.mark.parametrize("cut", [b"", b"\x00" * 8])
 def test_finding_5_a_corrupt_or_truncated_gzip_input_is_an_input_error(tmp_path, cut):
-    from curate.config import InputConfig
-    from curate.reader import InputReader
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
 
     data = gzip.compress(b"url,caption\n" + b"http://a.org/1,x\n" * 200)
     bad = data[: len(data) // 2] + cut  # truncated (EOFError), or corrupt in the middle (zlib.error)
@@ -305,8 +306,8 @@ def test_finding_8_a_json_caption_that_is_no_string_is_missing(tmp_path):
 
 
 def test_finding_9_a_parquet_column_name_that_is_not_utf8_is_an_input_error(tmp_path):
-    from curate.config import InputConfig
-    from curate.reader import InputReader
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
 
     path = tmp_path / "in.parquet"  # pyarrow raised UnicodeDecodeError from ParquetFile()
     path.write_bytes((FUZZ / "corpus" / "input" / "finding-parquet-name-not-utf8").read_bytes()[2:])
@@ -316,8 +317,8 @@ def test_finding_9_a_parquet_column_name_that_is_not_utf8_is_an_input_error(tmp_
 
 @pytest.mark.parametrize("data", [b"null\n", b'\xef\xbb\xbf\n  null, "caption": "x"}\n{"url": "u"}\n'])
 def test_finding_10_a_jsonl_that_starts_with_null_is_an_input_error_not_a_segfault(tmp_path, data):
-    from curate.config import InputConfig
-    from curate.reader import InputReader
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
 
     path = tmp_path / "in.jsonl"  # pyarrow.json.read_json dies of SIGSEGV on it (apache/arrow#47409)
     path.write_bytes(data)
@@ -329,8 +330,8 @@ def test_finding_10_a_jsonl_that_starts_with_null_is_an_input_error_not_a_segfau
 
 
 def test_finding_11_parquet_row_groups_that_disagree_with_the_footer_are_an_input_error(tmp_path):
-    from curate.config import InputConfig
-    from curate.reader import InputReader
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
 
     path = tmp_path / "in.parquet"  # the footer said 5 rows, the row groups 3: two rows were silently lost
     path.write_bytes((FUZZ / "corpus" / "input" / "finding-parquet-row-groups-short").read_bytes()[2:])
@@ -346,8 +347,8 @@ def test_finding_11_parquet_row_groups_that_disagree_with_the_footer_are_an_inpu
     ],
 )
 def test_finding_6_repeated_or_colliding_column_names_are_an_input_error(tmp_path, text, match):
-    from curate.config import InputConfig
-    from curate.reader import InputReader
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
 
     path = tmp_path / "in.csv"
     path.write_text(text)
@@ -360,8 +361,8 @@ def test_finding_6_repeated_or_colliding_column_names_are_an_input_error(tmp_pat
     "line", ['{"url": {"a": 1}, "caption": "x"}', '{"url": "http://a.org/1", "caption": [1]}']
 )
 def test_finding_7_a_url_or_caption_that_is_no_text_is_an_input_error(tmp_path, line):
-    from curate.config import InputConfig
-    from curate.reader import InputReader
+    from curate.core.config import InputConfig
+    from curate.core.reader import InputReader
 
     path = tmp_path / "in.jsonl"  # was pyarrow's ArrowNotImplementedError (cast struct/list to utf8)
     path.write_text(line + "\n")

@@ -6,7 +6,7 @@ deadline plus a second (measured on the server's side: a connection the client h
 hang); the worker's peak memory stays within a bound that a buffered bomb, a 50 MB body or an endless body
 would break; every input row is in the sidecars once, with a reason when it is not kept; redirects to
 addresses that must not be fetched never connect; bad input files fail the run with exit 2 and a message
-naming the file and line, before anything is written. The corpus and its server: ``curate.hostile``.
+naming the file and line, before anything is written. The corpus and its server: ``support.hostile``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
-
-from curate.config import load_config
-from curate.hostile import (
+from support.hostile import (
     CAPTION_CASES,
     DEADLINE,
     HANDLER_CAP,
@@ -38,8 +36,10 @@ from curate.hostile import (
     first_stages,
     write_inputs,
 )
-from curate.runner import run_pipeline
-from curate.testing import make_tiny_clip
+from support.testing import make_tiny_clip
+
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +243,7 @@ def test_a_tls_handshake_a_byte_a_second_is_cut_at_the_deadline():
     """The server answers the ClientHello with a record header claiming 16,000 bytes, then sends them a byte
     a second, so every read gets its byte in time. CPython's ssl module bounds a whole handshake by the
     socket's timeout, which the fetcher clips to the URL's deadline: this keeps it so."""
-    from curate.net import Fetcher, FetchPolicy
+    from curate.kit.net import Fetcher, FetchPolicy
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -5,9 +5,9 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from support.hostile import encode, png_claiming
 
-from curate.hostile import encode, png_claiming
-from curate.imaging import ImageOptions, process, sniff
+from curate.kit.imaging import ImageOptions, process, sniff
 
 
 def decoded(p) -> Image.Image:

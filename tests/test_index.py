@@ -19,11 +19,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sidecars, write_pipeline
+from support.testing import make_tiny_clip
 
-from curate.config import load_config
-from curate.index import RetrievalIndexError, Retriever, add_to_index, auto_factory, build_index
-from curate.runner import run_pipeline
-from curate.testing import make_tiny_clip
+from curate.base import RetrievalIndexError
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
+from curate.index import Retriever, add_to_index, auto_factory, build_index
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +207,7 @@ def _most_distinct(r: Retriever, images: dict) -> str:
 
 
 def test_the_server_answers_over_http(runs, both):
-    from curate.index_cli import make_server
+    from curate.cli.index import make_server
 
     server = make_server(Retriever(both), "127.0.0.1", 0)
     port = server.server_address[1]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import write_pipeline
 
-from curate.models.weights import ModelNotFound, WeightsSpec, fetch, local_path, resolve
+from curate.base import ModelNotFound
+from curate.models.weights import WeightsSpec, fetch, local_path, resolve
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_unreachable_host_fails_fast_with_advice(model_dir):
 
 
 def _clip_pipeline(tmp_path: Path) -> Path:
-    from curate.testing import make_input
+    from support.testing import make_input
 
     inp = make_input(tmp_path / "in.parquet", 20)
     stages = [

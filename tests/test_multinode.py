@@ -19,8 +19,8 @@ import pytest
 from conftest import shard_files, write_pipeline
 from raycluster import CURATE, Cluster, cluster_env, ray_default_missing
 
-from curate.config import load_config
-from curate.runner import run_pipeline
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from curate.net import address_problem
+from curate.kit.net import address_problem
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,10 @@ import pytest
 from conftest import score_shard
 from PIL import Image
 from pydantic import ValidationError
+from support.testing import make_tiny_clip
 
-from curate.imagebatch import decode_rgb
+from curate.base import ModelNotFound
+from curate.kit.image_batches import decode_rgb
 from curate.models.clip import ClipModel
 from curate.models.heads import (
     NSFW_B32,
@@ -23,10 +25,8 @@ from curate.models.heads import (
     load_head_state_dict,
     load_nsfw_head,
 )
-from curate.models.weights import ModelNotFound
 from curate.stages.clip_score import ClipScore, ClipScoreConfig
 from curate.stages.nsfw import Nsfw, NsfwConfig
-from curate.testing import make_tiny_clip
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -17,10 +17,11 @@ from conftest import shard_files, write_pipeline
 pytest.importorskip("s3fs", reason="pip install -e '.[dev]' (s3fs)")
 pytest.importorskip("moto.server", reason="pip install -e '.[dev]' (moto[server])")
 
-from curate.config import load_config
-from curate.runner import collect_output, run_pipeline
-from curate.storage import TMP_MARK, filesystem, write_atomic
-from curate.train.data import TrainDataError, find_shards
+from curate.base import TrainDataError
+from curate.core.config import load_config
+from curate.core.runner import collect_output, run_pipeline
+from curate.core.storage import TMP_MARK, filesystem, write_atomic
+from curate.train.data import find_shards
 
 BUCKET = "curate-test"
 SHARDS = ["00000", "00001", "00002", "00003"]
@@ -161,19 +162,19 @@ class Killed(BaseException):
 def test_a_writer_killed_mid_shard_leaves_no_partial_object_and_a_rerun_completes_it(
     s3, reference, world_server, monkeypatch, cli
 ):
-    import curate.writer
+    import curate.core.writer
 
     tmp, files, stats, _, counts = reference
     out = f"s3://{BUCKET}/out-killed"
     p = _pipeline(tmp, world_server, f"s3://{BUCKET}/input/in.parquet", out, "killed")
-    write_json = curate.writer.write_json_atomic
+    write_json = curate.core.writer.write_json_atomic
 
     def dies_before_the_marker(fs, path, obj):
         if path.endswith("00002_stats.json"):
             raise Killed  # 00002's tar, parquet and dropped tar are written; its marker is not
         write_json(fs, path, obj)
 
-    monkeypatch.setattr(curate.writer, "write_json_atomic", dies_before_the_marker)
+    monkeypatch.setattr(curate.core.writer, "write_json_atomic", dies_before_the_marker)
     with pytest.raises(Killed):
         run(p)
     monkeypatch.undo()

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import load_config
-from curate.pipeline import Pipeline
+from curate.core.config import load_config
+from curate.core.pipeline import Pipeline
 
 YAMLS = sorted(p.name for p in files("curate.pipelines").iterdir() if p.name.endswith(".yaml"))
 BUNDLED = [n for n in YAMLS if not n.startswith("train_")]  # train_*.yaml are training configs

@@ -9,10 +9,11 @@ import json
 import pytest
 from conftest import write_pipeline
 
-from curate.config import ConfigError, load_config
+from curate.base import ConfigError
+from curate.core.config import load_config
+from curate.core.pipeline import Pipeline
+from curate.core.stage import StageResources
 from curate.executors.plan import actor_sizing, plan
-from curate.pipeline import Pipeline
-from curate.stage import StageResources
 
 STAGES = [
     {"stage": "basic_filter", "min_words": 1},

@@ -11,11 +11,11 @@ from collections import Counter
 import pytest
 from conftest import sidecars, write_pipeline
 from PIL import Image
+from support.testing import make_input
 
-from curate.preview import FilterStep, replace_rules
-from curate.rules import parse_rule
-from curate.schema import is_kept
-from curate.testing import make_input
+from curate.core.schema import is_kept
+from curate.kit.rules import parse_rule
+from curate.tools.preview import FilterStep, replace_rules
 
 OLD_RULES = ["similarity >= 0.2", "width >= 146"]
 NEW_RULES = ["similarity > 0.1", "width >= 150"]  # what the preview is asked about, in the run's order
@@ -32,8 +32,8 @@ def stages(rules):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A run with the old rules, one with the new rules, and the old rules again (for determinism)."""
-    from curate.config import load_config
-    from curate.runner import run_pipeline
+    from curate.core.config import load_config
+    from curate.core.runner import run_pipeline
 
     tmp = tmp_path_factory.mktemp("preview")
     make_input(tmp / "in.parquet", 240, bad_every=13)
@@ -145,7 +145,7 @@ def test_replace_rules_keeps_other_columns_and_their_order():
 
 
 def test_dropped_tars_are_byte_identical_on_a_rerun_and_written_when_empty(runs, tmp_path):
-    from curate.writer import ShardWriter
+    from curate.core.writer import ShardWriter
 
     first = {p.name: p.read_bytes() for p in sorted((runs / "old/dropped").iterdir())}
     assert len(first) == 3 and first == {

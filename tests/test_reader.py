@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import InputConfig
-from curate.reader import InputError, InputReader
+from curate.base import InputError
+from curate.core.config import InputConfig
+from curate.core.reader import InputReader
 
 
 def read_all(cfg: InputConfig, shard_size: int = 1000) -> tuple[list, pa.Table]:

@@ -14,8 +14,7 @@ import pytest
 from conftest import score_shard
 from PIL import Image
 
-from curate.config import ConfigError
-from curate.models.weights import ModelNotFound
+from curate.base import ConfigError, ModelNotFound
 from curate.stages.recaption import Recaption, RecaptionConfig
 
 torch = pytest.importorskip("torch")
@@ -192,8 +191,7 @@ def test_missing_weights_name_curate_models_fetch(tmp_path, monkeypatch):
 
 def test_models_list_shows_the_repository(tmp_path, monkeypatch, cli):
     from conftest import write_pipeline
-
-    from curate.testing import make_input
+    from support.testing import make_input
 
     monkeypatch.setenv("CURATE_MODEL_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("CURATE_OFFLINE", "1")
@@ -201,9 +199,9 @@ def test_models_list_shows_the_repository(tmp_path, monkeypatch, cli):
     pipe = write_pipeline(
         tmp_path / "p.yaml", make_input(tmp_path / "in.parquet", 3), tmp_path / "out", stages
     )
-    from curate.config import load_config
+    from curate.core.config import load_config
+    from curate.core.pipeline import Pipeline
     from curate.models.manage import plan_weights
-    from curate.pipeline import Pipeline
 
     (entry,) = plan_weights(Pipeline(load_config(pipe)))
     assert entry.stage == "recaption" and entry.spec.source == "hf://Qwen/Qwen2-VL-2B-Instruct"

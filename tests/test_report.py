@@ -14,11 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sidecars, write_pipeline
+from support.testing import make_input, make_tiny_clip
 
-from curate.report import SECTIONS
-from curate.runner import collect_output
-from curate.schema import reason_bucket
-from curate.testing import make_input, make_tiny_clip
+from curate.core.runner import collect_output
+from curate.core.schema import reason_bucket
+from curate.tools.report import SECTIONS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -42,8 +42,8 @@ def _download(server):
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, world_server):
     """The sample world downloaded, CLIP-scored (tiny random CLIP), filtered and deduplicated, in 2 shards."""
-    from curate.config import load_config
-    from curate.runner import run_pipeline
+    from curate.core.config import load_config
+    from curate.core.runner import run_pipeline
 
     tmp = tmp_path_factory.mktemp("report")
     input_path, server = _world_input(tmp, world_server)
@@ -204,14 +204,14 @@ def test_download_only_run_and_the_report_command(tmp_path, world_server, cli):
 
 
 def test_a_report_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
-    import curate.report
-    from curate.config import load_config
-    from curate.runner import run_pipeline
+    import curate.tools.report
+    from curate.core.config import load_config
+    from curate.core.runner import run_pipeline
 
     def broken(path):
         raise RuntimeError("no plots today")
 
-    monkeypatch.setattr(curate.report, "write_report", broken)
+    monkeypatch.setattr(curate.tools.report, "write_report", broken)
     make_input(tmp_path / "in.parquet", 40)
     p = write_pipeline(
         tmp_path / "p.yaml",
@@ -220,7 +220,7 @@ def test_a_report_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, caplog
         [{"stage": "synthetic_image"}],
         output={"report": True},
     )
-    with caplog.at_level(logging.WARNING, logger="curate.runner"):
+    with caplog.at_level(logging.WARNING, logger="curate.core.runner"):
         assert run_pipeline(load_config(p), show_progress=False).exit_code == 0
     assert "could not write the run report" in caplog.text and "no plots today" in caplog.text
     assert json.loads((tmp_path / "out/run.json").read_text())["status"] == "finished"
@@ -238,7 +238,7 @@ def test_kept_thumbnails_are_the_shard_images(scored_run):
 def test_failures_are_counted_by_host():
     import pyarrow as pa
 
-    from curate.report import _count_domains
+    from curate.tools.report import _count_domains
 
     t = pa.table(
         {

@@ -5,11 +5,11 @@ import json
 import pyarrow.compute as pc
 import pytest
 from conftest import shard_files, sidecars, write_pipeline
+from support.testing import make_input
 
-from curate.config import load_config
-from curate.runner import collect_output, run_pipeline
-from curate.schema import is_kept
-from curate.testing import make_input
+from curate.core.config import load_config
+from curate.core.runner import collect_output, run_pipeline
+from curate.core.schema import is_kept
 
 STAGES = [
     {"stage": "synthetic_image", "size": 16},
@@ -77,7 +77,7 @@ def test_status_tells_a_run_whose_driver_is_gone(tmp_path, pipeline, cli):
     import subprocess
     import sys
 
-    from curate.runner import driver_identity
+    from curate.core.runner import driver_identity
 
     run(pipeline)
     path = tmp_path / "out/run.json"

@@ -82,7 +82,8 @@ YAML_PAYLOAD = '!!python/object/apply:os.system ["touch {canary}"]\n'
 
 
 def test_pipeline_config_yaml_cannot_run_code(tmp_path, canary):
-    from curate.config import ConfigError, load_config
+    from curate.base import ConfigError
+    from curate.core.config import load_config
 
     for text in (YAML_PAYLOAD, "name: !!python/object/apply:os.system ['touch {canary}']\n"):
         path = tmp_path / "p.yaml"
@@ -92,7 +93,7 @@ def test_pipeline_config_yaml_cannot_run_code(tmp_path, canary):
 
 
 def test_training_config_yaml_cannot_run_code(tmp_path, canary):
-    from curate.config import ConfigError
+    from curate.base import ConfigError
     from curate.train.config import load_train_config
 
     path = tmp_path / "t.yaml"
@@ -113,6 +114,6 @@ def test_decontamination_npy_refuses_pickled_objects(tmp_path, canary):
 def test_index_embeddings_refuse_pickled_objects(tmp_path, canary):
     path = tmp_path / "emb.npy"
     np.save(path, np.array([_Evil(canary)], dtype=object), allow_pickle=True)
-    # curate/index.py maps embeddings with these arguments.
+    # curate/index/__init__.py maps embeddings with these arguments.
     with pytest.raises(ValueError):
         np.load(path, mmap_mode="r", allow_pickle=False)

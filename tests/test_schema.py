@@ -3,7 +3,7 @@ import hashlib
 import pyarrow as pa
 import pytest
 
-from curate.schema import COLUMNS, Column, declare, is_kept, normalise_url, reason_bucket, uid_for
+from curate.core.schema import COLUMNS, Column, declare, is_kept, normalise_url, reason_bucket, uid_for
 
 
 def test_uid_is_the_documented_hash():

@@ -18,11 +18,12 @@ import torch
 from conftest import sidecars, write_pipeline
 from PIL import Image
 from safetensors.torch import load_file
+from support.testing import make_tiny_clip
 
-from curate.config import ConfigError, load_config
+from curate.base import ConfigError
+from curate.core.config import load_config
+from curate.core.runner import run_pipeline
 from curate.index import build_index
-from curate.runner import run_pipeline
-from curate.testing import make_tiny_clip
 from curate.train.config import DataConfig, parse_train_config
 from curate.train.data import ShardStream, find_shards, in_holdout, iter_samples
 from curate.train.generate import generate

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import write_pipeline
+from support.testing import make_input
 
-from curate.captions import TrainCaption, mix_choice
-from curate.config import ConfigError, parse_config
-from curate.pipeline import Pipeline
-from curate.testing import make_input
-from curate.writer import ShardWriter
+from curate.base import ConfigError
+from curate.core.config import parse_config
+from curate.core.pipeline import Pipeline
+from curate.core.writer import ShardWriter
+from curate.kit.captions import TrainCaption, mix_choice
 
 UIDS = [f"{i:02d}" + "a" * 30 for i in range(6)]
 

@@ -154,8 +154,9 @@ def test_auto_without_anything_says_what_to_pass(tmp_path):
 
 def test_clip_extractor(tmp_path):
     pytest.importorskip("open_clip")
+    from support.testing import make_tiny_clip
+
     from curate.models.clip import ClipModel
-    from curate.testing import make_tiny_clip
 
     folder = make_tiny_clip(tmp_path / "clip")
     clip = ClipModel.load(f"local-dir:{folder}", "", device="cpu", precision="fp32")

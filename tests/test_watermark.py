@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import ValidationError
 
-from curate.imagebatch import decode_rgb
-from curate.models.weights import ModelNotFound
+from curate.base import ModelNotFound
+from curate.kit.image_batches import decode_rgb
 from curate.stages.watermark import Watermark, WatermarkConfig
 
 torch = pytest.importorskip("torch")

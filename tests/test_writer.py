@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from curate.writer import ShardWriter, image_extension
+from curate.core.writer import ShardWriter, image_extension
 
 
 def png(color) -> bytes:

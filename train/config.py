@@ -22,8 +22,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from curate.config import ConfigError, StrictModel, _interpolate, _pydantic_problems, apply_overrides
-from curate.rules import parse_rule
+from curate.base import ConfigError, StrictModel
+from curate.core.config import _interpolate, _pydantic_problems, apply_overrides
+from curate.kit.rules import parse_rule
 
 __all__ = [
     "CheckpointConfig",
@@ -34,7 +35,6 @@ __all__ = [
     "ScheduleConfig",
     "TextEncoderConfig",
     "TrainConfig",
-    "TrainError",
     "UNetConfig",
     "VAEConfig",
     "ValidationConfig",
@@ -43,11 +43,6 @@ __all__ = [
 ]
 
 CaptionChoice = Literal["txt", "alt", "vlm", "fused"]
-
-
-class TrainError(ValueError):
-    """A training setup that cannot run as asked (no shards, no text encoder to use, a checkpoint of another
-    model): the CLI prints it and exits with 2."""
 
 
 class DataConfig(StrictModel):

@@ -34,15 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from curate.rules import Rule, parse_rule
-from curate.storage import filesystem
-from curate.train.config import DataConfig, TrainError
+from curate.base import TrainDataError
+from curate.core.storage import filesystem
+from curate.kit.rules import Rule, parse_rule
+from curate.train.config import DataConfig
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Sample",
     "ShardStream",
-    "TrainDataError",
     "caption_of",
     "find_shards",
     "holdout_samples",
@@ -62,10 +62,6 @@ _COMPARE = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-
-
-class TrainDataError(TrainError):
-    """Training data that cannot be used: no shards, a source that is not a run or a shard."""
 
 
 def find_shards(sources: list[str]) -> list[str]:
@@ -205,7 +201,7 @@ def to_pixels(
     Bytes that do not decode raise :class:`TrainDataError` naming ``name`` (the sample's member)."""
     from PIL import Image
 
-    from curate.imagebatch import decode_rgb
+    from curate.kit.image_batches import decode_rgb
 
     try:
         img = decode_rgb(data)

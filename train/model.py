@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from curate.train.config import ModelConfig, TextEncoderConfig, TrainError
+from curate.base import TrainError
+from curate.train.config import ModelConfig, TextEncoderConfig
 
 __all__ = [
     "Denoiser",
@@ -136,7 +137,7 @@ class TextEncoder:
 
 def clip_from_run(run_roots: list[str]) -> dict[str, str] | None:
     """The clip_score stage's model and pretrained of the first run that has one (as its run.json says)."""
-    from curate.storage import filesystem
+    from curate.core.storage import filesystem
 
     for root in run_roots:
         fs, path = filesystem(root)

@@ -42,8 +42,8 @@ class NeighbourTable:
 
 def _run_samples(roots: list[str]) -> tuple[list[str], np.ndarray, dict[str, set[str]]]:
     """Kept samples' uids and image embeddings, and the dup_of relations, from the runs' sidecars."""
+    from curate.core.storage import filesystem
     from curate.index import read_run
-    from curate.storage import filesystem
 
     uids: list[str] = []
     vectors = []

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from curate.base import TrainError
 from curate.train.checkpoint import (
     latest_checkpoint,
     load_optimizer,
@@ -34,7 +35,7 @@ from curate.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from curate.train.config import TrainConfig, TrainError
+from curate.train.config import TrainConfig
 from curate.train.data import ShardStream, find_shards, run_roots
 from curate.train.model import Generator, TextEncoder, clip_from_run, load_vae
 

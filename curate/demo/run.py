@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from curate.config import ConfigError, load_config
+from curate.base import ConfigError
+from curate.core.config import load_config
+from curate.core.runner import RunSummary, run_pipeline
 from curate.demo.server import WorldServer
 from curate.demo.world import build_world
-from curate.runner import RunSummary, run_pipeline
 
 
 def demo_pipeline() -> Path:
@@ -222,7 +223,7 @@ def check_against_truth(run_dir: Path, truth_path: Path) -> dict:
 
 def _rule_threshold(config, column: str) -> tuple[str, float] | None:
     """The (operator, value) of the demo filter's rule on ``column``."""
-    from curate.rules import parse_rule
+    from curate.kit.rules import parse_rule
 
     for spec in config.stages:
         if spec.stage == "filter":

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from curate.demo.world import COLOURS, NOISE_RATES, SHAPES, _draw, _encode, _random_scene, _Scene, _Shape
-from curate.imaging import ImageOptions, resize
+from curate.kit.imaging import ImageOptions, resize
 
 __all__ = ["MODEL_CFG", "train_tiny_clip"]
 

@@ -44,8 +44,8 @@ def eval_prompts(n: int = 128, seed: int = EVAL_SEED) -> list[str]:
 def raw_run(out: Path, input_path: Path, server_host_port: str, console) -> Path:
     """The raw corpus: pipelines/download_only.yaml on the same input (download + resize, nothing dropped),
     with the demo's image size, so that both models see the same kind of pixels."""
-    from curate.config import load_config
-    from curate.runner import run_pipeline
+    from curate.core.config import load_config
+    from curate.core.runner import run_pipeline
 
     pipeline = Path(str(files("curate.pipelines") / "download_only.yaml"))
     config = load_config(

@@ -45,8 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from curate.core.schema import uid_for
 from curate.demo.server import SAMPLE_JPEG_CAPTION, WorldServer
-from curate.schema import uid_for
 
 __all__ = [
     "COLOURS",

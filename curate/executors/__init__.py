@@ -1,4 +1,4 @@
-"""Executors take a :class:`curate.pipeline.PhaseJob` over shards. ``local`` runs in this process, shard after
+"""Executors take a :class:`curate.core.pipeline.PhaseJob` over shards. ``local`` runs in this process, shard after
 shard; ``ray`` runs on a Ray cluster. Both call the same job code, so both write the same bytes."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from curate.config import ExecutorConfig
-from curate.pipeline import PhaseJob, ShardResult
-from curate.reader import ShardSpec
+from curate.core.config import ExecutorConfig
+from curate.core.pipeline import PhaseJob, ShardResult
+from curate.core.reader import ShardSpec
 
 OnResult = Callable[[ShardResult], None]
 

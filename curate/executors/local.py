@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import traceback
 
-from curate.config import ExecutorConfig
+from curate.core.config import ExecutorConfig
+from curate.core.pipeline import PhaseJob, ShardResult
+from curate.core.reader import ShardSpec
 from curate.executors import OnResult
-from curate.pipeline import PhaseJob, ShardResult
-from curate.reader import ShardSpec
 
 
 class LocalExecutor:

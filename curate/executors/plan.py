@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from curate.config import ConfigError
+from curate.base import ConfigError
 
 __all__ = ["Operator", "actor_sizing", "groups", "plan", "single_operator", "single_sizing"]
 

@@ -31,11 +31,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.config import ConfigError, ExecutorConfig
+from curate.base import ConfigError
+from curate.core.config import ExecutorConfig
+from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
+from curate.core.reader import ShardSpec
 from curate.executors import OnResult
 from curate.executors.plan import actor_pools, actor_sizing, groups, single_operator, single_sizing
-from curate.pipeline import BoundStage, PhaseJob, ShardResult
-from curate.reader import ShardSpec
 
 _ROW_SCHEMA = pa.schema(
     [

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from curate.base import ModelNotFound
 from curate.models.device import autocast, pick_device, pick_dtype
-from curate.models.weights import ModelNotFound, WeightsSpec, local_path, resolve
+from curate.models.weights import WeightsSpec, local_path, resolve
 
 __all__ = ["ClipModel", "clip_label", "clip_weights"]
 

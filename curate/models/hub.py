@@ -21,15 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.config import ConfigError
-from curate.models.weights import (
-    ModelNotFound,
-    WeightsSpec,
-    cached_or_fetched,
-    local_path,
-    source_host,
-    unreachable,
-)
+from curate.base import ConfigError, ModelNotFound
+from curate.models.weights import WeightsSpec, cached_or_fetched, local_path, source_host, unreachable
 
 __all__ = [
     "RepoSpec",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from curate.base import ModelNotFound
 from curate.models.weights import (
-    ModelNotFound,
     WeightsSpec,
     fetch,
     is_offline,

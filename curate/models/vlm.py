@@ -22,7 +22,7 @@ Two backends behind one small interface (:class:`Captioner`: ``name`` and ``capt
 - :class:`VllmCaptioner`, vLLM (optional, NVIDIA GPUs only): the same prompts, through ``vllm.LLM``.
 
 Decoder-only models return the prompt with the answer; it is cut off by token count. BLIP returns its prompt
-prefix as text, which :func:`curate.captions.clean_vlm_caption` strips.
+prefix as text, which :func:`curate.kit.captions.clean_vlm_caption` strips.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from curate.base import ModelNotFound
 from curate.models.device import autocast, pick_device, pick_dtype
-from curate.models.weights import ModelNotFound, WeightsSpec, resolve
+from curate.models.weights import WeightsSpec, resolve
 
 __all__ = ["LAION_WATERMARK", "WatermarkModel", "build_watermark_net", "load_state_dict"]
 

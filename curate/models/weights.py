@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curate.base import ModelNotFound
+
 __all__ = [
-    "ModelNotFound",
     "WeightsSpec",
     "fetch",
     "is_offline",
@@ -39,10 +40,6 @@ __all__ = [
     "source_host",
     "unreachable",
 ]
-
-
-class ModelNotFound(Exception):
-    """Weights that are neither at the given path, nor in the model directory, nor downloadable now."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from curate.stage import Stage
+from curate.core.stage import Stage
 
 STAGES: dict[str, type[Stage]] = {}
 

@@ -3,7 +3,7 @@ requests, an earlier run's takedowns), read from files and matched against rows.
 
 A list is a text file, one hash per line; ``#`` starts a comment, blank lines are skipped, case does not
 matter. A sha256 is 64 hex digits (of the downloaded bytes, as the download stage's ``sha256``), a pHash 16
-(``curate.hashing.phash``, as ``phash`` / ``phash_mirror``). A line may say its kind, ``sha256:<hex>`` or
+(``curate.kit.hashing.phash``, as ``phash`` / ``phash_mirror``). A line may say its kind, ``sha256:<hex>`` or
 ``phash:<hex>``; without a prefix the length tells. A ``.parquet`` list holds a ``sha256`` or ``phash``
 column instead (nulls skipped). Paths may be local or any fsspec URL.
 """
@@ -15,17 +15,14 @@ from typing import Literal
 
 import pyarrow.parquet as pq
 
-from curate.storage import filesystem
+from curate.base import HashListError
+from curate.core.storage import filesystem
 
-__all__ = ["HASH_LENGTH", "HashKind", "HashListError", "parse_hash", "read_hash_list", "read_hashes"]
+__all__ = ["HASH_LENGTH", "HashKind", "parse_hash", "read_hash_list", "read_hashes"]
 
 HashKind = Literal["sha256", "phash"]
 HASH_LENGTH: dict[str, int] = {"sha256": 64, "phash": 16}
 _HEX = re.compile(r"[0-9a-f]+")
-
-
-class HashListError(ValueError):
-    """A hash list that cannot be read: names the file (and line) and what is wrong."""
 
 
 def parse_hash(text: str, kinds: tuple[str, ...] = ("sha256", "phash")) -> tuple[str, str]:

@@ -16,44 +16,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from curate.base import ConfigError, Resources, StrictModel
+
 __all__ = [
     "CaptionMix",
-    "ConfigError",
     "ExecutorConfig",
     "InputConfig",
     "OutputConfig",
     "PipelineConfig",
     "StageSpec",
-    "StrictModel",
     "apply_overrides",
     "load_config",
     "parse_config",
 ]
-
-
-class ConfigError(Exception):
-    """A config or usage problem, found before any work starts. The CLI exits with code 2."""
-
-    def __init__(
-        self, problems: list[tuple[str, str]] | str, source: str | None = None, what: str = "pipeline"
-    ):
-        if isinstance(problems, str):
-            problems = [("", problems)]
-        self.problems = problems
-        self.source = source
-        self.what = what
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        head = f"invalid {self.what} config{f' {self.source}' if self.source else ''}:"
-        lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in self.problems]
-        return "\n".join([head, *lines])
-
-
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, values are checked on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "txt"]
@@ -158,23 +133,6 @@ class ExecutorConfig(StrictModel):
     max_shard_retries: int = Field(
         2, ge=0, description="a failing shard is retried this often, then reported"
     )
-
-
-class Resources(StrictModel):
-    """Per-stage overrides of what a stage declares it needs."""
-
-    cpus: float | None = Field(None, gt=0)
-    gpus: float | None = Field(None, ge=0)
-    concurrency: int | tuple[int, int] | None = Field(None, description="actors: a size or (min, max)")
-    batch_size: int | None = Field(None, gt=0)
-
-    @field_validator("concurrency")
-    @classmethod
-    def _positive_range(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
-        low, high = (v, v) if isinstance(v, int) else v or (1, 1)
-        if low < 1 or high < low:
-            raise ValueError(f"concurrency must be a size >= 1 or [min, max] with 1 <= min <= max, got {v}")
-        return v
 
 
 _RESERVED_STAGE_KEYS = ("stage", "name", "resources")
@@ -286,7 +244,7 @@ def parse_config(raw: Any, overrides: list[str] | None = None, source: str | Non
 
 
 def _parse_stages(items: list[Any], problems: list[tuple[str, str]]) -> list[StageSpec]:
-    from curate.registry import STAGES
+    from curate.core.registry import STAGES
 
     specs: list[StageSpec] = []
     seen: dict[str, int] = {}

@@ -3,7 +3,7 @@
 ``curate preview OUTPUT --rule "clip_score >= 0.3"`` takes the run's ``filter`` stages from ``run.json``,
 replaces their rules on the named column by the given rule(s) (rules on other columns stay), and evaluates
 the new rules on the rows those stages decided: rows that are ok and either kept or dropped by a filter rule.
-The rules go through :func:`curate.rules.first_failure`, as the stage does, so the counts are what a rerun
+The rules go through :func:`curate.kit.rules.first_failure`, as the stage does, so the counts are what a rerun
 with the new rules writes. An HTML page shows, per given rule, the column's histogram with the threshold
 and the images nearest the threshold on each side (kept images from the shard tars, dropped ones from the
 ``dropped/`` audit tars).
@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from curate.config import ConfigError
-from curate.rules import Rule, first_failure, parse_rule
-from curate.runner import OutputDir, collect_output
-from curate.storage import filesystem, write_atomic
-from curate.writer import ShardWriter, image_extension, thumbnail
+from curate.base import ConfigError
+from curate.core.runner import OutputDir, collect_output
+from curate.core.storage import filesystem, write_atomic
+from curate.core.writer import ShardWriter, image_extension, thumbnail
+from curate.kit.rules import Rule, first_failure, parse_rule
 
 __all__ = ["FilterStep", "PreviewReport", "preview_output", "preview_table"]
 
@@ -242,7 +242,7 @@ def _read_population(
 
 def _caveats(info: dict[str, Any], old: list[FilterStep]) -> list[str]:
     """Where the counts may differ from a rerun: stages after a filter that drop rows themselves."""
-    from curate.registry import STAGES
+    from curate.core.registry import STAGES
 
     items = info.get("config", {}).get("stages", [])
     if not old:

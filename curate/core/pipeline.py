@@ -17,14 +17,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.captions import TrainCaption
-from curate.config import ConfigError, PipelineConfig
-from curate.reader import InputReader, ShardSpec
-from curate.registry import STAGES
-from curate.schema import COLUMNS, is_kept
-from curate.stage import GlobalStage, Stage, StageResources
-from curate.storage import filesystem, write_atomic
-from curate.writer import ShardWriter
+from curate.base import ConfigError
+from curate.core.config import PipelineConfig
+from curate.core.reader import InputReader, ShardSpec
+from curate.core.registry import STAGES
+from curate.core.schema import COLUMNS, is_kept
+from curate.core.stage import GlobalStage, Stage, StageResources
+from curate.core.storage import filesystem, write_atomic
+from curate.core.writer import ShardWriter
+from curate.kit.captions import TrainCaption
 
 __all__ = ["BoundStage", "PhaseJob", "PhaseShards", "Pipeline", "ShardResult"]
 
@@ -105,7 +106,9 @@ class Pipeline:
                     )
             for col in bound.stage.writes:
                 if col not in COLUMNS:
-                    problems.append((where, f"writes column {col!r}, which curate.schema does not declare"))
+                    problems.append(
+                        (where, f"writes column {col!r}, which curate.core.schema does not declare")
+                    )
                 elif col not in available:
                     available.append(col)
         key = "output.text_column" if self.writer.train_caption.mode == "column" else "output.train_caption"

@@ -18,12 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from curate.config import ConfigError, parse_config
-from curate.pipeline import Pipeline
-from curate.runner import OutputDir, _now, collect_output
-from curate.schema import COLUMNS, CORE_COLUMNS
-from curate.stage import GlobalStage
-from curate.storage import filesystem, read_json, write_json_atomic
+from curate.base import ConfigError
+from curate.core.config import parse_config
+from curate.core.pipeline import Pipeline
+from curate.core.runner import OutputDir, _now, collect_output
+from curate.core.schema import COLUMNS, CORE_COLUMNS
+from curate.core.stage import GlobalStage
+from curate.core.storage import filesystem, read_json, write_json_atomic
 
 DEFAULT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
 _IMAGE_EXTENSIONS = (".jpg", ".png", ".webp", ".gif", ".bin")

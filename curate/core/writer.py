@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.captions import TrainCaption
-from curate.schema import COLUMNS, canonical_order, is_kept, reason_bucket
-from curate.storage import filesystem, write_atomic, write_json_atomic
+from curate.core.schema import COLUMNS, canonical_order, is_kept, reason_bucket
+from curate.core.storage import filesystem, write_atomic, write_json_atomic
+from curate.kit.captions import TrainCaption
 
 __all__ = ["ShardWriter", "image_extension", "shard_counts", "thumbnail"]
 
@@ -88,7 +88,7 @@ class ShardWriter:
         dropped_thumbnails: bool = True,
         train_caption: TrainCaption | None = None,
     ):
-        """``train_caption`` chooses each sample's <uid>.txt (see :class:`curate.captions.TrainCaption`);
+        """``train_caption`` chooses each sample's <uid>.txt (see :class:`curate.kit.captions.TrainCaption`);
         without it, ``text_column`` is written as it is."""
         self.output_path = output_path
         self.text_column = text_column
@@ -166,7 +166,7 @@ def thumbnail(data: bytes, side: int = THUMBNAIL_SIDE) -> bytes | None:
     the bytes do not decode. Deterministic: the same bytes give the same thumbnail."""
     from PIL import Image
 
-    from curate.imaging import to_rgb
+    from curate.kit.imaging import to_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as img:

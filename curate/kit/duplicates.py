@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate.hashing import chunk_bounds, chunk_values, hamming
+from curate.kit.hashing import chunk_bounds, chunk_values, hamming
 
 __all__ = [
     "KIND_PERCEPTUAL",

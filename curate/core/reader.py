@@ -40,10 +40,11 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from curate.config import InputConfig
-from curate.schema import COLUMNS, CORE_COLUMNS, uid_for
+from curate.base import InputError
+from curate.core.config import InputConfig
+from curate.core.schema import COLUMNS, CORE_COLUMNS, uid_for
 
-__all__ = ["InputError", "InputReader", "Segment", "ShardSpec", "clean_caption", "format_of"]
+__all__ = ["InputReader", "Segment", "ShardSpec", "clean_caption", "format_of"]
 
 _SUFFIXES = {
     ".parquet": "parquet",
@@ -56,10 +57,6 @@ _SUFFIXES = {
     ".txt": "txt",
 }
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
-
-
-class InputError(ValueError):
-    """The input cannot be read: no files, a malformed file, a missing column. Names the file."""
 
 
 @dataclass(frozen=True)

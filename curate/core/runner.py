@@ -24,13 +24,14 @@ from typing import Any
 
 from rich.console import Console
 
-from curate.config import ConfigError, PipelineConfig, canonical_json
+from curate.base import ConfigError
+from curate.core.config import PipelineConfig, canonical_json
+from curate.core.pipeline import PhaseShards, Pipeline, ShardResult
+from curate.core.progress import RunProgress, stage_table, summary_table
+from curate.core.reader import InputReader, ShardSpec
+from curate.core.storage import TMP_MARK, clean_temp, filesystem, read_json, write_json_atomic
 from curate.executors import make_executor
 from curate.models.manage import check_weights
-from curate.pipeline import PhaseShards, Pipeline, ShardResult
-from curate.progress import RunProgress, stage_table, summary_table
-from curate.reader import InputReader, ShardSpec
-from curate.storage import TMP_MARK, clean_temp, filesystem, read_json, write_json_atomic
 
 __all__ = ["RunSummary", "collect_output", "driver_alive", "run_fingerprint", "run_pipeline"]
 
@@ -280,7 +281,7 @@ def run_pipeline(
 def _write_report(path: str) -> None:
     """report/report.html and report.json; the report only looks at the run, so it never fails it."""
     try:
-        from curate.report import write_report
+        from curate.tools.report import write_report
 
         write_report(path)
     except Exception as e:

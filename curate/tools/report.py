@@ -33,13 +33,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.config import ConfigError
-from curate.preview import FilterStep, _images, run_filters
-from curate.rules import Rule
-from curate.runner import OutputDir, collect_output
-from curate.schema import reason_bucket
-from curate.storage import write_atomic
-from curate.writer import ShardWriter, image_extension
+from curate.base import ConfigError
+from curate.core.runner import OutputDir, collect_output
+from curate.core.schema import reason_bucket
+from curate.core.storage import write_atomic
+from curate.core.writer import ShardWriter, image_extension
+from curate.kit.rules import Rule
+from curate.tools.preview import FilterStep, _images, run_filters
 
 __all__ = ["SECTIONS", "RunReport", "build_report", "write_report"]
 
@@ -312,7 +312,7 @@ def _round(v: Any) -> Any:
 
 # The host of a URL, as urlsplit().hostname reads it (lower-cased), for a whole column at once.
 _HOST = r"^\s*[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#\s]*)"
-_UID_SUFFIX = r":[0-9a-f]{32}$"  # as curate.schema.reason_bucket strips it
+_UID_SUFFIX = r":[0-9a-f]{32}$"  # as curate.core.schema.reason_bucket strips it
 
 
 def _np(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.config import StrictModel
-from curate.imagebatch import decode_rgb, iter_batches, rows_to_score
+from curate.base import StrictModel
+from curate.kit.image_batches import decode_rgb, iter_batches, rows_to_score
 from curate.models.device import Device, Precision
 from curate.models.weights import WeightsSpec, resolve
 

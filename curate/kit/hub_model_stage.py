@@ -8,11 +8,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from curate.config import StrictModel
+from curate.base import StrictModel
+from curate.core.stage import Stage
 from curate.models.device import Device, Precision
 from curate.models.hub import check_backend, is_hub_id, model_label, repo_spec, resolve_model
 from curate.models.weights import WeightsSpec
-from curate.stage import Stage
 
 __all__ = ["HubModelConfig", "HubModelStage"]
 

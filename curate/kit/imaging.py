@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from curate.hashing import phashes
+from curate.kit.hashing import phashes
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 EncodeFormat = Literal["jpg", "webp", "png", "original"]

@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curate.config import StrictModel
-from curate.registry import register
-from curate.schema import Column, declare
-from curate.stage import GlobalStage, Stage, StageResources, drop
+from curate.base import StrictModel
+from curate.core.registry import register
+from curate.core.schema import Column, declare
+from curate.core.stage import GlobalStage, Stage, StageResources, drop
 
 __all__ = ["make_input", "register_test_stages"]
 
@@ -166,8 +166,8 @@ class KeepLongest(GlobalStage):
     writes = ("drop_reason",)
 
     def fit(self, shards) -> None:
-        from curate.schema import is_kept
-        from curate.storage import filesystem, write_atomic
+        from curate.core.schema import is_kept
+        from curate.core.storage import filesystem, write_atomic
 
         rows = []
         for shard in shards:
@@ -182,7 +182,7 @@ class KeepLongest(GlobalStage):
         write_atomic(fs, f"{self.state_path}/keep.json", json.dumps(sorted(keep)).encode())
 
     def setup(self) -> None:
-        from curate.storage import filesystem, read_json
+        from curate.core.storage import filesystem, read_json
 
         fs, _ = filesystem(self.state_path)
         self.keep = pa.array(read_json(fs, f"{self.state_path}/keep.json"), pa.string())
@@ -214,7 +214,7 @@ class Planted(Stage):
         return tuple(self.config.columns)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from curate.schema import COLUMNS
+        from curate.core.schema import COLUMNS
 
         ok = pc.equal(table["status"], "ok")
         for column in self.config.columns:

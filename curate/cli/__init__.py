@@ -10,10 +10,9 @@ import rich.markup
 import typer
 from rich.console import Console
 
-from curate.config import ConfigError, PipelineConfig, load_config
-from curate.index_cli import index_app
-from curate.models.weights import ModelNotFound
-from curate.reader import InputError
+from curate.base import ConfigError, InputError, ModelNotFound
+from curate.cli.index import index_app
+from curate.core.config import PipelineConfig, load_config
 
 app = typer.Typer(
     name="curate",
@@ -60,7 +59,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")] = False,
 ) -> None:
     """Run a pipeline. Running it again resumes: finished shards are skipped."""
-    from curate.runner import run_pipeline
+    from curate.core.runner import run_pipeline
 
     config = _load(pipeline, sets, executor, address)
     summary = run_pipeline(config, overwrite=overwrite, resume_anyway=resume_anyway, show_progress=not quiet)
@@ -78,8 +77,8 @@ def run(
 def validate(pipeline: PipelineArg, sets: SetOpt = None) -> None:
     """Check a pipeline without running it: config, stage parameters, column flow, input files, and whether
     every model is here or can be downloaded (nothing is downloaded)."""
+    from curate.core.pipeline import Pipeline
     from curate.models.manage import plan_weights, raise_missing
-    from curate.pipeline import Pipeline
 
     config = _load(pipeline, sets)
     p = Pipeline(config)
@@ -115,8 +114,8 @@ def describe(
     operators (task groups, actor pools and their sizes) on a cluster of --cpus and --gpus."""
     import os
 
+    from curate.core.pipeline import Pipeline
     from curate.executors.plan import plan
-    from curate.pipeline import Pipeline
 
     config = _load(pipeline, sets)
     p = Pipeline(config)
@@ -168,7 +167,7 @@ def retry(
     ] = "timeout,connection_error,http_429,http_5xx",
 ) -> None:
     """Fetch again only the rows that failed for a transient reason; rewrite only their shards."""
-    from curate.retry import retry_output
+    from curate.tools.retry import retry_output
 
     wanted = [s.strip() for s in statuses.split(",") if s.strip()]
     summary = retry_output(output, wanted, console=err)
@@ -245,8 +244,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Shards done, pending and failed, and the counts so far."""
-    from curate.progress import summary_table
-    from curate.runner import OutputDir, collect_output, driver_alive
+    from curate.core.progress import summary_table
+    from curate.core.runner import OutputDir, collect_output, driver_alive
 
     info = OutputDir(output).run_json()
     if info is None:
@@ -308,7 +307,7 @@ def preview(
 ) -> None:
     """What other thresholds would keep and drop, from the sidecars alone (no recompute), with an HTML page
     of the images nearest each threshold."""
-    from curate.preview import preview_output, preview_table
+    from curate.tools.preview import preview_output, preview_table
 
     report = preview_output(output, rules, html, per_side)
     if as_json:
@@ -325,7 +324,7 @@ def preview(
 def report_(output: Annotated[str, typer.Argument(help="The output folder of a run.")]) -> None:
     """Write OUTPUT/report/report.html (funnel, drop reasons, link rot, stage times, score histograms with
     thresholds, sample grids, captions; one self-contained file) and report.json with the same numbers."""
-    from curate.report import write_report
+    from curate.tools.report import write_report
 
     written = write_report(output)
     out.print(f"report: {written.html_path}\nnumbers: {written.json_path}")
@@ -353,8 +352,8 @@ def takedown(
     """Remove samples from a finished run: tar members, dropped/ thumbnails and index vectors go; sidecar rows
     stay, marked drop_reason=takedown with their URL, captions and embeddings nulled; stats are recounted.
     Every file is replaced atomically, an audit line is appended last, and a rerun completes a killed one."""
-    from curate.takedown import read_request
-    from curate.takedown import takedown as take_down
+    from curate.tools.takedown import read_request
+    from curate.tools.takedown import takedown as take_down
 
     if (uids is None) == (hashes is None):
         raise ConfigError(
@@ -392,7 +391,8 @@ def train_(
 ) -> None:
     """Train a text-to-image diffusion model on curated shards; running it again resumes from the latest
     checkpoint. Multi-GPU / multi-node: launch with torchrun (or srun under Slurm)."""
-    from curate.train.config import TrainError, load_train_config
+    from curate.base import TrainError
+    from curate.train.config import load_train_config
     from curate.train.trainer import train
 
     cfg = load_train_config(config, sets)
@@ -463,9 +463,9 @@ def models_list(pipeline: PipelineArg, sets: SetOpt = None) -> None:
     """The weights files a pipeline's stages load, where they come from, and whether they are here."""
     from rich.table import Table
 
+    from curate.core.pipeline import Pipeline
     from curate.models.manage import status
     from curate.models.weights import model_dir
-    from curate.pipeline import Pipeline
 
     rows = status(Pipeline(_load(pipeline, sets)))
     table = Table("stage", "model", "source", "local path", "here", title=f"model directory: {model_dir()}")
@@ -480,9 +480,9 @@ def models_list(pipeline: PipelineArg, sets: SetOpt = None) -> None:
 def models_fetch(pipeline: PipelineArg, sets: SetOpt = None) -> None:
     """Download every model a pipeline needs into the model directory (CURATE_MODEL_DIR); offline, list what
     is missing and where to put it. Exit code 2 when something is still missing."""
+    from curate.core.pipeline import Pipeline
     from curate.models.manage import fetch_weights
     from curate.models.weights import model_dir
-    from curate.pipeline import Pipeline
 
     results = fetch_weights(Pipeline(_load(pipeline, sets)))
     for r in results:

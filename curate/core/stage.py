@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Resources, StrictModel
-from curate.schema import is_kept
+from curate.base import Resources, StrictModel
+from curate.core.schema import is_kept
 
 __all__ = ["GlobalStage", "NoConfig", "Stage", "StageResources", "drop"]
 
@@ -94,7 +94,7 @@ class GlobalStage(Stage):
     state_path: str = ""
 
     def fit(self, shards: Any) -> None:
-        """``shards`` is a :class:`curate.pipeline.PhaseShards`: ``ids`` and ``read(id, columns)``."""
+        """``shards`` is a :class:`curate.core.pipeline.PhaseShards`: ``ids`` and ``read(id, columns)``."""
         raise NotImplementedError
 
 

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from curate.pipeline import ShardResult
+from curate.core.pipeline import ShardResult
 
 
 class RunProgress:

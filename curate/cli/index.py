@@ -14,7 +14,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from curate.index import RetrievalIndexError, Retriever, add_to_index, build_index, describe_index, image_mime
+from curate.base import RetrievalIndexError
+from curate.index import Retriever, add_to_index, build_index, describe_index, image_mime
 
 index_app = typer.Typer(
     help="The retrieval index: FAISS over the kept samples' CLIP embeddings; build, append, query, serve.",

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curate.schema import COLUMNS, is_kept
+from curate.core.schema import COLUMNS, is_kept
 
 __all__ = ["decode_rgb", "iter_batches", "rows_to_score", "set_column"]
 

@@ -63,7 +63,7 @@ for _c in [
         pa.string(),
         "input",
         "alt-text, from the input's caption column: NFC, control characters removed, cut to "
-        "input.max_caption_chars (see curate.reader.clean_caption)",
+        "input.max_caption_chars (see curate.core.reader.clean_caption)",
     ),
     Column("status", pa.string(), "input", "'ok', or the reason code of the first failure"),
     Column("error", pa.string(), "input", "human-readable detail of a non-ok status; null when ok"),

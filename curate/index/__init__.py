@@ -35,12 +35,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.reader import InputError
-from curate.storage import filesystem
+from curate.base import RetrievalIndexError
+from curate.core.storage import filesystem
 
 __all__ = [
     "Neighbor",
-    "RetrievalIndexError",
     "Retriever",
     "add_to_index",
     "auto_factory",
@@ -56,10 +55,6 @@ EXTRA_CAPTIONS = ("caption_vlm", "caption_fused")
 TARGET_RECALL = 0.95
 RERANK = 10
 FLAT_MAX = 20_000  # below this many vectors exact search is about as fast as any index, and exact
-
-
-class RetrievalIndexError(InputError):
-    """An index cannot be built, appended to or read: names what to change. The CLI exits with code 2."""
 
 
 def _faiss():
@@ -699,7 +694,7 @@ class Retriever:
         """A path, encoded bytes or a PIL image -> its CLIP embedding, preprocessed as clip_score does."""
         from PIL import Image
 
-        from curate.imagebatch import decode_rgb
+        from curate.kit.image_batches import decode_rgb
 
         try:
             if isinstance(image, Image.Image):

@@ -1,7 +1,7 @@
 """Take samples down from a finished run: ``curate takedown OUTPUT --uids FILE | --hashes FILE``.
 
 What is asked: uids (one per line, ``#`` comments; or a .parquet with a ``uid`` column), or hashes
-(:mod:`curate.blocklist` format: ``sha256:`` / ``phash:`` prefixes or the length tell the kind), which match
+(:mod:`curate.kit.hash_lists` format: ``sha256:`` / ``phash:`` prefixes or the length tell the kind), which match
 every row with that sha256, or whose ``phash`` or ``phash_mirror`` is exactly that pHash. For each finished
 shard (one with ``_stats.json``) that holds a matched row:
 
@@ -18,7 +18,7 @@ Then the retrieval index (``--index``, or ``OUTPUT/index`` when it exists) loses
 and embeddings (:func:`curate.index.remove_from_index`), ``run.json`` gets the new counts, and the run
 report, which embeds thumbnails, is written again if there is one.
 
-Every file is replaced whole with :func:`curate.storage.write_atomic` (a temporary file and a rename; one
+Every file is replaced whole with :func:`curate.core.storage.write_atomic` (a temporary file and a rename; one
 whole object on S3). Before the first change the plan (what to remove from which file, and each file's
 sha256 before) goes to ``takedown/pending.json``; the audit line is appended to ``takedown/audit.jsonl``
 last, and then the pending file is removed. Each step reads the file as it is now and removes only what is
@@ -45,12 +45,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.blocklist import HashListError, read_hashes
-from curate.reader import InputError
-from curate.storage import filesystem, is_object_store, read_json, write_atomic, write_json_atomic
-from curate.writer import shard_counts
+from curate.base import HashListError, TakedownError
+from curate.core.storage import filesystem, is_object_store, read_json, write_atomic, write_json_atomic
+from curate.core.writer import shard_counts
+from curate.kit.hash_lists import read_hashes
 
-__all__ = ["REASON", "TakedownError", "read_uids", "takedown"]
+__all__ = ["REASON", "read_uids", "takedown"]
 
 REASON = "takedown"
 AUDIT = "takedown/audit.jsonl"
@@ -72,10 +72,6 @@ KEEP = frozenset(
         "orig_height",
     }
 )
-
-
-class TakedownError(InputError):
-    """A takedown that cannot start (no run, an unreadable request): the CLI exits with code 2."""
 
 
 def read_uids(path: str) -> list[str]:
@@ -146,7 +142,7 @@ def _mark(table: pa.Table, uids: set[str]) -> tuple[pa.Table, list[str]]:
 
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")  # as curate.writer writes a sidecar
+    pq.write_table(table, buf, compression="zstd")  # as curate.core.writer writes a sidecar
     return buf.getvalue()
 
 
@@ -320,7 +316,7 @@ def _execute(run: _Run, pending: dict[str, Any], say: Callable[[str], None]) -> 
             }
         )
     if any(f.get("sha256_before") != f.get("sha256_after") for f in files):
-        from curate.runner import collect_output
+        from curate.core.runner import collect_output
 
         info = read_json(run.fs, f"{run.root}/run.json")
         counts = collect_output(run.fs.unstrip_protocol(run.root)).counts
@@ -328,7 +324,7 @@ def _execute(run: _Run, pending: dict[str, Any], say: Callable[[str], None]) -> 
             info["counts"] = counts
             write_json_atomic(run.fs, f"{run.root}/run.json", info)
         if run.fs.exists(f"{run.root}/report/report.json"):
-            from curate.report import write_report
+            from curate.tools.report import write_report
 
             write_report(run.fs.unstrip_protocol(run.root))  # the report embeds thumbnails
     removed = sum(len(f.get("removed", [])) + len(f.get("marked", [])) for f in files)

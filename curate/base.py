@@ -1,0 +1,98 @@
+"""The types every layer shares: the base of every config model, per-stage resource overrides, and every
+error class of curate. Imports nothing of curate, so the YAML module, the stages, the models, the tools and the
+trainer all use them without an import cycle.
+
+How the CLI treats them: :class:`ConfigError` and the ``InputError`` family exit with code 2 and a message that
+says what to change; :class:`ModelNotFound` names ``curate models fetch``; :class:`TrainError` exits with 2.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ConfigError",
+    "HashListError",
+    "InputError",
+    "ModelNotFound",
+    "Resources",
+    "RetrievalIndexError",
+    "StrictModel",
+    "TakedownError",
+    "TrainDataError",
+    "TrainError",
+]
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(StrictModel):
+    """Per-stage overrides of what a stage declares it needs."""
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+    concurrency: int | tuple[int, int] | None = Field(None, description="actors: a size or (min, max)")
+    batch_size: int | None = Field(None, gt=0)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive_range(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        low, high = (v, v) if isinstance(v, int) else v or (1, 1)
+        if low < 1 or high < low:
+            raise ValueError(f"concurrency must be a size >= 1 or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A config or usage problem, found before any work starts. The CLI exits with code 2."""
+
+    def __init__(
+        self, problems: list[tuple[str, str]] | str, source: str | None = None, what: str = "pipeline"
+    ):
+        if isinstance(problems, str):
+            problems = [("", problems)]
+        self.problems = problems
+        self.source = source
+        self.what = what
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = f"invalid {self.what} config{f' {self.source}' if self.source else ''}:"
+        lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in self.problems]
+        return "\n".join([head, *lines])
+
+
+class InputError(ValueError):
+    """The input cannot be read: no files, a malformed file, a missing column. Names the file."""
+
+
+class HashListError(ValueError):
+    """A hash list that cannot be read: names the file (and line) and what is wrong."""
+
+
+class RetrievalIndexError(InputError):
+    """An index cannot be built, appended to or read: names what to change. The CLI exits with code 2."""
+
+
+class TakedownError(InputError):
+    """A takedown that cannot start (no run, an unreadable request): the CLI exits with code 2."""
+
+
+class ModelNotFound(Exception):
+    """Weights that are neither at the given path, nor in the model directory, nor downloadable now."""
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run as asked (no shards, no text encoder to use, a checkpoint of another
+    model): the CLI prints it and exits with 2."""
+
+
+class TrainDataError(TrainError):
+    """Training data that cannot be used: no shards, a source that is not a run or a shard."""

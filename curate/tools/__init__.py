@@ -1,0 +1,1 @@
+"""Tools that work on a finished run: the report, threshold preview, retry and takedown."""
