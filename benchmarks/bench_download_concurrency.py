@@ -14,6 +14,7 @@ import time
 
 import pyarrow as pa
 
+from curate.core.registry import register
 from curate.demo.server import WorldServer
 from curate.demo.world import build_world
 from curate.stages.download import Download, DownloadConfig
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=600)
     ap.add_argument("--threads", default="1,4,16,64")
     args = ap.parse_args()
+    register(Download)  # and so its columns (mime, phash, ...), which it sets
     world = build_world(args.rows, seed=0, photos=False)
     with WorldServer() as server:
         world.serve(server)
@@ -54,7 +56,7 @@ def main() -> None:
                     robots_txt=False,
                 )
             )
-            stage.setup()
+            stage.ensure_setup()
             rates = []
             for urls in (images, waiting):
                 start = time.perf_counter()

@@ -16,14 +16,20 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The test stages and data live in tests/support (not installed): this process and the Ray workers it starts
+# import them by this path, as tests/conftest.py arranges for the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
 
-import support.testing  # registers the synthetic_image and caption_chars stages
 import yaml
+from support.data import make_input
+from support.stages import register_test_stages
 
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline
@@ -64,12 +70,13 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    register_test_stages()
 
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        support.testing.make_input(tmp / "in.parquet", args.rows, bad_every=23)
+        make_input(tmp / "in.parquet", args.rows, bad_every=23)
         doc = {
             "name": "bench",
             "input": {"path": str(tmp / "in.parquet"), "url_col": "URL", "caption_col": "TEXT"},

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.kit.duplicates import semantic_pairs
+from curate.kit.duplicates.semantic import semantic_pairs
 
 
 def make_vectors(path: Path, n: int, dim: int, topics: int, dup_share: float, seed: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support/: not installed
 from download_vs_img2dataset import CURATE, QUIET_ENV, _kill_tree, _tree_memory, ensure_img2dataset
 from support.hostile import DEADLINE, OFF_MACHINE, HostileServer, closed_port, corpus, first_stages
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dedup_scale import make_vectors
 
-from curate.index import auto_factory, new_index, parse_size, rerank_factor, search, tune
+from curate.index.factory import auto_factory, new_index, parse_size, rerank_factor, search, tune
 
 
 def main() -> None:

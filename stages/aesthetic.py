@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import model_validator
 
-from curate.core.schema import Column, declare
-from curate.core.stage import Stage, StageResources
+from curate.core.schema import Column
+from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.clip_heads import (
     ClipHeadConfig,
     ClipHeadScorer,
@@ -24,17 +24,8 @@ from curate.kit.clip_heads import (
     clip_head_weights,
     require,
 )
-from curate.kit.image_batches import scatter, set_column
+from curate.kit.image_batches import scatter
 from curate.models.weights import WeightsSpec
-
-declare(
-    Column(
-        "aesthetic_score",
-        pa.float32(),
-        "aesthetic",
-        "LAION improved aesthetic predictor's rating of the image, roughly 1..10",
-    )
-)
 
 
 class AestheticConfig(ClipHeadConfig):
@@ -47,6 +38,14 @@ class AestheticConfig(ClipHeadConfig):
 class Aesthetic(Stage):
     name = "aesthetic"
     Config = AestheticConfig
+    columns = (
+        Column(
+            "aesthetic_score",
+            pa.float32(),
+            "aesthetic",
+            "LAION improved aesthetic predictor's rating of the image, roughly 1..10",
+        ),
+    )
     reads = ("image", "status", "drop_reason")  # and image_embedding, clip_model where the shard has them
     writes = ("aesthetic_score",)
     resources = StageResources(cpus=1, uses_model=True)
@@ -68,8 +67,6 @@ class Aesthetic(Stage):
         self.scorer = ClipHeadScorer.load(self.config, AESTHETIC_HEADS, load_aesthetic_head, "aesthetic")
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "scorer"):
-            self.setup()
         rows, scores = self.scorer.score(table)
         values = scatter(table.num_rows, rows, np.asarray(scores, np.float32).tolist())
         return set_column(table, "aesthetic_score", values)

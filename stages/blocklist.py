@@ -27,23 +27,12 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from curate.base import StrictModel
-from curate.core.schema import Column, declare
-from curate.core.stage import Stage, StageResources, drop
+from curate.core.schema import Column
+from curate.core.stage import Stage, StageResources, drop, set_column
 from curate.kit.hash_lists import read_hash_list
 from curate.kit.hashing import HashIndex, hex_to_uint64
 
 REASON = "blocklisted"
-
-for _c in [
-    Column(
-        "blocklist_match",
-        pa.string(),
-        "blocklist",
-        "what matched a blocklist, and which: sha256:<list>, phash:<list> or phash_mirror:<list>; null if none",
-    ),
-    Column("blocklist_distance", pa.int32(), "blocklist", "pHash bits off the listed hash (0 for sha256)"),
-]:
-    declare(_c)
 
 
 class BlocklistConfig(StrictModel):
@@ -73,6 +62,18 @@ class Blocklist(Stage):
 
     name = "blocklist"
     Config = BlocklistConfig
+    columns = (
+        Column(
+            "blocklist_match",
+            pa.string(),
+            "blocklist",
+            "what matched a blocklist, and which: sha256:<list>, phash:<list> or phash_mirror:<list>; "
+            "null if none",
+        ),
+        Column(
+            "blocklist_distance", pa.int32(), "blocklist", "pHash bits off the listed hash (0 for sha256)"
+        ),
+    )
     writes = ("drop_reason", "image", "blocklist_match", "blocklist_distance")
     resources = StageResources(cpus=1)
 
@@ -98,8 +99,6 @@ class Blocklist(Stage):
         self._phashes = HashIndex(hex_to_uint64(hashes), self.config.max_distance)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "_phashes"):
-            self.setup()
         n = table.num_rows
         match: list[str | None] = [None] * n
         distance = np.full(n, -1, np.int32)
@@ -127,16 +126,7 @@ class Blocklist(Stage):
         table = drop(table, hit, REASON)
         if "image" in table.column_names:
             image = pc.if_else(hit, pa.scalar(None, table.schema.field("image").type), table["image"])
-            table = table.set_column(table.schema.get_field_index("image"), "image", image)
-        added = {
-            "blocklist_match": pa.array(match, pa.string()),
-            "blocklist_distance": pa.array(
-                np.where(distance >= 0, distance, 0), pa.int32(), mask=distance < 0
-            ),
-        }
-        for name, array in added.items():
-            if name in table.column_names:
-                table = table.set_column(table.schema.get_field_index(name), name, array)
-            else:
-                table = table.append_column(name, array)
-        return table
+            table = set_column(table, "image", image)
+        table = set_column(table, "blocklist_match", match)
+        distances = pa.array(np.where(distance >= 0, distance, 0), pa.int32(), mask=distance < 0)
+        return set_column(table, "blocklist_distance", distances)

@@ -16,22 +16,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.base import StrictModel
-from curate.core.schema import Column, declare
-from curate.core.stage import Stage, StageResources
-from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
+from curate.core.schema import Column
+from curate.core.stage import Stage, StageResources, set_column
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter
 from curate.models.device import Device, Precision
 from curate.models.weights import WeightsSpec
 
 EMBEDDING = pa.list_(pa.float16())
-for _c in [
-    Column("clip_score", pa.float32(), "clip_score", "cosine of the CLIP image and caption embeddings"),
-    Column(
-        "clip_model", pa.string(), "clip_score", "the CLIP model that scored the row: architecture/weights"
-    ),
-    Column("image_embedding", EMBEDDING, "clip_score", "L2-normalised CLIP image embedding", in_json=False),
-    Column("text_embedding", EMBEDDING, "clip_score", "L2-normalised CLIP caption embedding", in_json=False),
-]:
-    declare(_c)
 
 
 class ClipScoreConfig(StrictModel):
@@ -52,6 +43,21 @@ class ClipScoreConfig(StrictModel):
 class ClipScore(Stage):
     name = "clip_score"
     Config = ClipScoreConfig
+    columns = (
+        Column("clip_score", pa.float32(), "clip_score", "cosine of the CLIP image and caption embeddings"),
+        Column(
+            "clip_model",
+            pa.string(),
+            "clip_score",
+            "the CLIP model that scored the row: architecture/weights",
+        ),
+        Column(
+            "image_embedding", EMBEDDING, "clip_score", "L2-normalised CLIP image embedding", in_json=False
+        ),
+        Column(
+            "text_embedding", EMBEDDING, "clip_score", "L2-normalised CLIP caption embedding", in_json=False
+        ),
+    )
     reads = ("image", "caption", "status", "drop_reason")
     resources = StageResources(cpus=1, uses_model=True)
 
@@ -77,8 +83,6 @@ class ClipScore(Stage):
         self.label = self.clip.name
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "clip"):
-            self.setup()
         c, n = self.config, table.num_rows
         rows = rows_to_score(table)
         captions = table["caption"].to_pylist()

@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from curate.base import StrictModel
-from curate.core.schema import COLUMNS, Column, declare, is_kept
-from curate.core.stage import GlobalStage, StageResources, drop
+from curate.core.output import OutputFolder
+from curate.core.schema import COLUMNS, Column, is_kept
+from curate.core.stage import GlobalStage, ShardSource, StageResources, drop, set_column
 from curate.core.storage import filesystem, write_atomic, write_json_atomic
 from curate.kit.duplicates import (
     KIND_NAMES,
@@ -48,21 +49,6 @@ from curate.kit.duplicates import (
     use_gpu,
 )
 from curate.kit.hashing import hamming, hex_to_uint64
-
-for _c in [
-    Column(
-        "dup_of", pa.string(), "dedup", "uid of the kept row this row duplicates; null when not a duplicate"
-    ),
-    Column("dup_kind", pa.string(), "dedup", "exact, perceptual or semantic; contaminated for eval matches"),
-    Column(
-        "dup_similarity",
-        pa.float32(),
-        "dedup",
-        "cosine (semantic, contaminated by embedding), 1 - hamming/64 (perceptual), 1 (exact)",
-    ),
-    Column("contaminated_by", pa.string(), "dedup", "the evaluation item this row matched"),
-]:
-    declare(_c)
 
 DECISIONS = "decisions.parquet"
 SUMMARY = "summary.json"
@@ -187,6 +173,24 @@ def _parse_keep(rule: str) -> tuple[str, bool]:
 class Dedup(GlobalStage):
     name = "dedup"
     Config = DedupConfig
+    columns = (
+        Column(
+            "dup_of",
+            pa.string(),
+            "dedup",
+            "uid of the kept row this row duplicates; null when not a duplicate",
+        ),
+        Column(
+            "dup_kind", pa.string(), "dedup", "exact, perceptual or semantic; contaminated for eval matches"
+        ),
+        Column(
+            "dup_similarity",
+            pa.float32(),
+            "dedup",
+            "cosine (semantic, contaminated by embedding), 1 - hamming/64 (perceptual), 1 (exact)",
+        ),
+        Column("contaminated_by", pa.string(), "dedup", "the evaluation item this row matched"),
+    )
     resources = StageResources(cpus=1)
 
     config: DedupConfig
@@ -228,7 +232,7 @@ class Dedup(GlobalStage):
 
     # --- fit: once, on every shard ---------------------------------------------------------------
 
-    def fit(self, shards: Any) -> None:
+    def fit(self, shards: ShardSource) -> None:
         c = self.config
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -380,10 +384,10 @@ class Dedup(GlobalStage):
         write_json_atomic(fs, f"{filesystem(self.state_path)[1]}/{SUMMARY}", summary)
         # What users read: <output>/dedup/<name>.parquet and .json.
         label = Path(filesystem(self.state_path)[1]).name
-        out_fs, root = filesystem(output_path)
-        out_fs.makedirs(f"{root}/dedup", exist_ok=True)
-        write_atomic(out_fs, f"{root}/dedup/{label}.parquet", data)
-        write_json_atomic(out_fs, f"{root}/dedup/{label}.json", summary)
+        out = OutputFolder(output_path)
+        out.fs.makedirs(out.dedup_dir, exist_ok=True)
+        write_atomic(out.fs, out.dedup_decisions(label), data)
+        write_json_atomic(out.fs, out.dedup_summary(label), summary)
 
     # --- apply: per shard, in the next phase -----------------------------------------------------
 
@@ -401,8 +405,6 @@ class Dedup(GlobalStage):
         }
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "_decisions"):
-            self.setup()
         found = [self._decisions.get(i) for i in table["input_index"].to_pylist()]
         kept = is_kept(table).to_pylist()
         # A decision was made for a row that was kept; a row dropped since (a retry, --resume-anyway) keeps
@@ -415,11 +417,7 @@ class Dedup(GlobalStage):
         mask = pa.array([f is not None for f in found], pa.bool_())
         table = drop(table, mask, pa.array(columns["drop_reason"], pa.string()))
         for name in ("dup_of", "dup_kind", "dup_similarity", "contaminated_by"):
-            array = pa.array(columns[name], COLUMNS[name].type)
-            if name in table.column_names:
-                table = table.set_column(table.schema.get_field_index(name), name, array)
-            else:
-                table = table.append_column(name, array)
+            table = set_column(table, name, columns[name])
         return table
 
 
@@ -468,19 +466,14 @@ def _scratch_dir(state_path: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="curate-dedup-"))
 
 
-def _open_phase_table(shards: Any, shard_id: str, columns: list[str]) -> pa.Table:
-    fs, _ = filesystem(shards.output_path)
-    path = f"{shards.phase_dir}/{shard_id}.arrow"
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        table = pa.ipc.open_file(pa.memory_map(path)).read_all()  # zero-copy: only what is touched is read
-    else:
-        with fs.open(path, "rb") as f:
-            table = pa.ipc.open_file(f).read_all()
+def _open_phase_table(shards: ShardSource, shard_id: str, columns: list[str]) -> pa.Table:
+    """The shard with those of ``columns`` it has (a local shard is memory-mapped: only what is touched is
+    read)."""
+    table = shards.read(shard_id)
     return table.select([c for c in columns if c in table.column_names])
 
 
-def _gather(shards: Any, columns: tuple[str, ...], want_vectors: bool, scratch: Path) -> _Rows:
+def _gather(shards: ShardSource, columns: tuple[str, ...], want_vectors: bool, scratch: Path) -> _Rows:
     scalar_cols = [c for c in columns if c not in ("image_embedding", "image", "status", "drop_reason")]
     shard_of: list[np.ndarray] = []
     values: dict[str, list] = {c: [] for c in scalar_cols}
@@ -489,7 +482,7 @@ def _gather(shards: Any, columns: tuple[str, ...], want_vectors: bool, scratch: 
     count = 0
     vec_file = scratch / "vectors.f16"
     with open(vec_file, "wb") as sink:
-        for shard_id in sorted(shards):
+        for shard_id in sorted(shards.ids):
             table = _open_phase_table(shards, shard_id, list(columns))
             table = table.filter(is_kept(table))
             for c in scalar_cols:
@@ -575,7 +568,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return best
 
 
-def _pixel_similarity(shards: Any, rows: _Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _pixel_similarity(shards: ShardSource, rows: _Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The thumbnails' correlation of each pair (-1 where an image is missing), images read from the
     phase's shards."""
     wanted = np.unique(np.concatenate([a, b]))

@@ -44,28 +44,10 @@ from pydantic import Field, field_validator, model_validator
 
 import curate
 from curate.base import StrictModel
-from curate.core.schema import COLUMNS, Column, declare, is_kept
-from curate.core.stage import Stage, StageResources
+from curate.core.schema import Column, is_kept
+from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.imaging import ImageOptions, Processed, process
 from curate.kit.net import Fetcher, FetchPolicy
-
-declare(Column("mime", pa.string(), "download", "MIME type of the downloaded bytes, from their magic number"))
-declare(
-    Column(
-        "phash",
-        pa.string(),
-        "download",
-        "64-bit DCT perceptual hash of the stored image, 16 hex digits (curate.kit.hashing.phash)",
-    )
-)
-declare(
-    Column(
-        "phash_mirror",
-        pa.string(),
-        "download",
-        "phash of the stored image mirrored left to right: flips match",
-    )
-)
 
 DEFAULT_USER_AGENT = f"curate/{curate.__version__} (+https://github.com/curate-data/curate#readme)"
 TRANSIENT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
@@ -145,7 +127,24 @@ def limit_malloc_arenas(arenas: int) -> bool:
 class Download(Stage):
     name = "download"
     Config = DownloadConfig
+    # Its other columns (image, width, ..., sha256) are core columns, declared in curate.core.schema.
+    columns = (
+        Column("mime", pa.string(), "download", "MIME type of the downloaded bytes, from their magic number"),
+        Column(
+            "phash",
+            pa.string(),
+            "download",
+            "64-bit DCT perceptual hash of the stored image, 16 hex digits (curate.kit.hashing.phash)",
+        ),
+        Column(
+            "phash_mirror",
+            pa.string(),
+            "download",
+            "phash of the stored image mirrored left to right: flips match",
+        ),
+    )
     reads = ("url", "status", "drop_reason")
+    # Each is the field of the same name of curate.kit.imaging.Processed.
     writes = (
         "status",
         "error",
@@ -181,27 +180,17 @@ class Download(Stage):
             return process(fetched.body or b"", self._image)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "_fetcher"):
-            self.setup()
         todo = [i for i, keep in enumerate(is_kept(table).to_pylist()) if keep]
         urls = table["url"].to_pylist()
         with ThreadPoolExecutor(max_workers=min(self.config.concurrency, max(len(todo), 1))) as pool:
             results = dict(zip(todo, pool.map(self._one, [urls[i].strip() for i in todo]), strict=True))
 
-        status, error = table["status"].to_pylist(), table["error"].to_pylist()
-        out: dict[str, list] = {k: [None] * table.num_rows for k in self.writes[2:]}
+        # Rows not downloaded keep their status and error, and get nulls in the other columns.
+        out = {name: [None] * table.num_rows for name in self.writes}
+        out["status"], out["error"] = table["status"].to_pylist(), table["error"].to_pylist()
         for i, r in results.items():
-            status[i], error[i] = r.status, r.error
-            for key in out:
-                out[key][i] = getattr(r, key)
-        table = table.set_column(
-            table.schema.get_field_index("status"), "status", pa.array(status, pa.string())
-        )
-        table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
-        for key, values in out.items():
-            array = pa.array(values, COLUMNS[key].type)
-            if key in table.column_names:
-                table = table.set_column(table.schema.get_field_index(key), key, array)
-            else:
-                table = table.append_column(key, array)
+            for name, values in out.items():
+                values[i] = getattr(r, name)
+        for name, values in out.items():
+            table = set_column(table, name, values)
         return table

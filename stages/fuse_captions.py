@@ -34,23 +34,11 @@ import re
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.core.schema import Column, declare, is_kept
-from curate.core.stage import StageResources
+from curate.core.schema import Column, is_kept
+from curate.core.stage import StageResources, set_column
 from curate.kit.captions import clean_fused_caption, cut_to_length, instruction_fragments, one_line
 from curate.kit.hub_model_stage import HubModelConfig, HubModelStage
-from curate.kit.image_batches import scatter, set_column
-
-for _c in [
-    Column("caption_fused", pa.string(), "fuse_captions", "alt-text and caption_vlm merged by an LLM"),
-    Column("caption_fused_model", pa.string(), "fuse_captions", "the LLM that wrote caption_fused"),
-    Column(
-        "fusion_status",
-        pa.string(),
-        "fuse_captions",
-        "fused, or why caption_fused is caption_vlm: fallback_empty|short|echo, no_alt_text; no_vlm_caption",
-    ),
-]:
-    declare(_c)
+from curate.kit.image_batches import scatter
 
 DEFAULT_SYSTEM_PROMPT = (
     "You write captions of images for training text-to-image models. You answer with the caption only."
@@ -109,6 +97,17 @@ def fill_prompt(template: str, alt: str, vlm: str) -> str:
 class FuseCaptions(HubModelStage):
     name = "fuse_captions"
     Config = FuseCaptionsConfig
+    columns = (
+        Column("caption_fused", pa.string(), "fuse_captions", "alt-text and caption_vlm merged by an LLM"),
+        Column("caption_fused_model", pa.string(), "fuse_captions", "the LLM that wrote caption_fused"),
+        Column(
+            "fusion_status",
+            pa.string(),
+            "fuse_captions",
+            "fused, or why caption_fused is caption_vlm: fallback_empty|short|echo, no_alt_text; "
+            "no_vlm_caption",
+        ),
+    )
     reads = ("caption", "caption_vlm", "status", "drop_reason")
     writes = ("caption_fused", "caption_fused_model", "fusion_status")
     resources = StageResources(cpus=1, uses_model=True)
@@ -148,8 +147,6 @@ class FuseCaptions(HubModelStage):
         return self.llm.render(c.system_prompt, user, c.response_prefix)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "llm"):
-            self.setup()
         c, n = self.config, table.num_rows
         kept = is_kept(table).to_pylist() if n else []
         alts = table["caption"].to_pylist()

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.core.schema import Column, declare
-from curate.core.stage import Stage, StageResources
+from curate.core.schema import Column
+from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.clip_heads import (
     ClipHeadConfig,
     ClipHeadScorer,
@@ -31,22 +31,10 @@ from curate.kit.clip_heads import (
     clip_head_weights,
     require,
 )
-from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter
 from curate.models.weights import WeightsSpec
 
 log = logging.getLogger(__name__)
-
-for _c in [
-    Column("nsfw_score", pa.float32(), "nsfw", "probability that the image is NSFW, 0..1 (see nsfw_model)"),
-    Column(
-        "nsfw_model",
-        pa.string(),
-        "nsfw",
-        "the model that gave nsfw_score: opennsfw, or laion_clip/<CLIP>/<head file>",
-    ),
-]:
-    declare(_c)
-
 
 # --- the stage ---------------------------------------------------------------------------------------
 
@@ -74,6 +62,17 @@ class NsfwConfig(ClipHeadConfig):
 class Nsfw(Stage):
     name = "nsfw"
     Config = NsfwConfig
+    columns = (
+        Column(
+            "nsfw_score", pa.float32(), "nsfw", "probability that the image is NSFW, 0..1 (see nsfw_model)"
+        ),
+        Column(
+            "nsfw_model",
+            pa.string(),
+            "nsfw",
+            "the model that gave nsfw_score: opennsfw, or laion_clip/<CLIP>/<head file>",
+        ),
+    )
     reads = ("image", "status", "drop_reason")  # and image_embedding, clip_model where the shard has them
     writes = ("nsfw_score", "nsfw_model")
     resources = StageResources(cpus=1, uses_model=True)
@@ -130,8 +129,6 @@ class Nsfw(Stage):
         self.label = "opennsfw"
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "label"):
-            self.setup()
         if self.config.backend == "opennsfw":
             rows, scores = self._opennsfw(table)
         else:

@@ -18,17 +18,11 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.core.schema import Column, declare
-from curate.core.stage import StageResources
+from curate.core.schema import Column
+from curate.core.stage import StageResources, set_column
 from curate.kit.captions import clean_vlm_caption
 from curate.kit.hub_model_stage import HubModelConfig, HubModelStage
-from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
-
-for _c in [
-    Column("caption_vlm", pa.string(), "recaption", "synthetic caption written by a vision-language model"),
-    Column("caption_vlm_model", pa.string(), "recaption", "the vision-language model that wrote caption_vlm"),
-]:
-    declare(_c)
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter
 
 Family = Literal["auto", "blip", "blip2", "florence2", "qwen2_vl", "llava", "chat"]
 
@@ -53,6 +47,14 @@ class RecaptionConfig(HubModelConfig):
 class Recaption(HubModelStage):
     name = "recaption"
     Config = RecaptionConfig
+    columns = (
+        Column(
+            "caption_vlm", pa.string(), "recaption", "synthetic caption written by a vision-language model"
+        ),
+        Column(
+            "caption_vlm_model", pa.string(), "recaption", "the vision-language model that wrote caption_vlm"
+        ),
+    )
     reads = ("image", "status", "drop_reason")
     writes = ("caption_vlm", "caption_vlm_model")
     resources = StageResources(cpus=1, uses_model=True)
@@ -83,8 +85,6 @@ class Recaption(HubModelStage):
             )
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "captioner"):
-            self.setup()
         c, n = self.config, table.num_rows
         threads = c.decode_threads or os.cpu_count() or 1
         done, captions = [], []

@@ -26,23 +26,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.base import ConfigError, StrictModel
-from curate.core.schema import Column, declare
-from curate.core.stage import Stage, StageResources
-from curate.kit.image_batches import iter_batches, rows_to_score, scatter, set_column
+from curate.core.schema import Column
+from curate.core.stage import Stage, StageResources, set_column
+from curate.kit.image_batches import iter_batches, rows_to_score, scatter
 from curate.models.device import Device, Precision
 from curate.models.weights import WeightsSpec
-
-for _c in [
-    Column("watermark_score", pa.float32(), "watermark", "P(visible watermark), LAION's watermark detector"),
-    Column("text_area", pa.float32(), "watermark", "fraction of the image covered by detected text lines"),
-    Column(
-        "ai_watermark",
-        pa.float32(),
-        "watermark",
-        "agreement of the decoded invisible watermark with Stable Diffusion's marks (0.5 chance, 1 marked)",
-    ),
-]:
-    declare(_c)
 
 # What each detector imports, to fail when the stage is built rather than on the first shard.
 _NEEDS = {
@@ -82,6 +70,20 @@ class WatermarkConfig(StrictModel):
 class Watermark(Stage):
     name = "watermark"
     Config = WatermarkConfig
+    columns = (
+        Column(
+            "watermark_score", pa.float32(), "watermark", "P(visible watermark), LAION's watermark detector"
+        ),
+        Column(
+            "text_area", pa.float32(), "watermark", "fraction of the image covered by detected text lines"
+        ),
+        Column(
+            "ai_watermark",
+            pa.float32(),
+            "watermark",
+            "agreement of the decoded invisible watermark with Stable Diffusion's marks (0.5 chance, 1 marked)",
+        ),
+    )
     reads = ("image", "status", "drop_reason")
     resources = StageResources(cpus=1, uses_model=True)
 
@@ -140,7 +142,6 @@ class Watermark(Stage):
             from curate.models.ai_watermark import AiWatermarkDetector
 
             self.ai_model = AiWatermarkDetector()
-        self._ready = True
 
     def _prepare(self, img):
         """A decoded RGB image -> (the LAION tensor or None, the RGB array or None), in a decode thread."""
@@ -149,8 +150,6 @@ class Watermark(Stage):
         return tensor, rgb
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not getattr(self, "_ready", False):
-            self.setup()
         n = table.num_rows
         rows = rows_to_score(table)
         scored: list[int] = []

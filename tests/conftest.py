@@ -8,18 +8,20 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# tests/support (test stages, the hostile server) is not installed: Ray workers and `curate` subprocesses
-# import it by this path, as pytest does for the tests.
+# tests/support (test stages, generated data, the hostile server) is not installed: Ray workers and `curate`
+# subprocesses import it by this path, as pytest does for the tests.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
 )
 
 import pyarrow.parquet as pq
 import pytest
-import support.testing  # noqa: F401 - registers the test-only stages
 import yaml
+from support.stages import register_test_stages
 
 from curate.cli import main
+
+register_test_stages()
 
 
 @pytest.fixture(scope="session")

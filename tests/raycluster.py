@@ -27,7 +27,11 @@ __all__ = ["CURATE", "RAY", "Cluster", "cluster_env", "kill_tree", "ray_default_
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # `curate` with the test-only stages (sleep) registered, as a job's entrypoint or a driver subprocess.
-CURATE = [sys.executable, "-c", "import support.testing; from curate.cli import main; main()"]
+CURATE = [
+    sys.executable,
+    "-c",
+    "from support.stages import register_test_stages; register_test_stages(); from curate.cli import main; main()",
+]
 
 
 def _free_ports(n: int) -> list[int]:

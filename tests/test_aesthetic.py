@@ -11,7 +11,7 @@ import pytest
 from conftest import score_shard
 from PIL import Image
 from pydantic import ValidationError
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
 from curate.base import ModelNotFound
 from curate.kit.image_batches import decode_rgb
@@ -82,7 +82,7 @@ def _stage(tiny_clip, head_path) -> Aesthetic:
             head=str(head_path), clip_model=f"local-dir:{tiny_clip}", clip_pretrained="random", device="cpu"
         )
     )
-    stage.setup()
+    stage.ensure_setup()
     return stage
 
 
@@ -170,5 +170,5 @@ def test_offline_without_the_head_names_curate_models_fetch(tmp_path, monkeypatc
     monkeypatch.setenv("CURATE_OFFLINE", "1")
     monkeypatch.setenv("CURATE_MODEL_DIR", str(tmp_path / "empty"))
     with pytest.raises(ModelNotFound, match="curate models fetch") as e:
-        Aesthetic().setup()
+        Aesthetic().ensure_setup()
     assert "sac+logos+ava1-l14-linearMSE.pth" in str(e.value)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
 import curate.tools.takedown
 from curate.core.config import load_config

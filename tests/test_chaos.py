@@ -24,7 +24,7 @@ import psutil
 import pytest
 from conftest import shard_files, sidecars, write_pipeline
 from raycluster import CURATE, Cluster, cluster_env
-from support.testing import make_input
+from support.data import make_input
 
 from curate.core.config import load_config
 from curate.core.runner import collect_output, run_pipeline

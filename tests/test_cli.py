@@ -9,10 +9,14 @@ import time
 
 import pytest
 from conftest import shard_files, sidecars, write_pipeline
-from support.testing import make_input
+from support.data import make_input
 
 # `curate` with the test-only stages registered, in its own process.
-CURATE = [sys.executable, "-c", "import support.testing; from curate.cli import main; main()"]
+CURATE = [
+    sys.executable,
+    "-c",
+    "from support.stages import register_test_stages; register_test_stages(); from curate.cli import main; main()",
+]
 
 
 def curate(*args, **kw):

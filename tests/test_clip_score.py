@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shard_files, write_pipeline
 from PIL import Image
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
 from curate.stages.clip_score import ClipScore, ClipScoreConfig
 
@@ -58,7 +58,7 @@ def _by_hand(folder, images: list[bytes], captions: list[str]) -> tuple[np.ndarr
 def test_scores_are_the_cosine_of_open_clip_embeddings(tiny_clip):
     table = _table()
     stage = ClipScore(ClipScoreConfig(model=f"local-dir:{tiny_clip}", text_embeddings=True, batch_size=4))
-    stage.setup()
+    stage.ensure_setup()
     out = stage(table)
 
     img, txt = _by_hand(
@@ -79,7 +79,7 @@ def test_scores_are_the_cosine_of_open_clip_embeddings(tiny_clip):
 
 def test_weights_file_of_a_registered_architecture(tiny_clip, tmp_path):
     """``pretrained=<file>``: the route a hub tag's file takes, through open_clip's loader."""
-    from support.testing import TINY_CLIP_CFG
+    from support.data import TINY_CLIP_CFG
 
     from curate.models.clip import ClipModel
 

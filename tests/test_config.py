@@ -4,7 +4,7 @@ import re
 
 import pytest
 import yaml
-from support.testing import make_input
+from support.data import make_input
 
 from curate.base import ConfigError
 from curate.core.config import apply_overrides, load_config

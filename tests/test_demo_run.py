@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sidecars
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])

@@ -1,6 +1,7 @@
 """The download stage against a real local HTTP server: every status from a real request, SSRF attempts
 that never reach a canary listener, a whole pipeline run, and `curate retry`."""
 
+import dataclasses
 import io
 import json
 import socket
@@ -20,6 +21,7 @@ from support.hostile import encode, png_claiming
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline
 from curate.demo.server import WorldServer
+from curate.kit.imaging import Processed
 from curate.stages.download import Download, DownloadConfig
 
 
@@ -52,7 +54,7 @@ def download(server, paths, **cfg):
     """Run the stage on ``server.url + path`` for each path; returns the output rows by path."""
     cfg = {"allow_private": [server.host_port], "image_size": 32, "resize_mode": "keep_ratio", **cfg}
     stage = Download(DownloadConfig(**cfg))
-    stage.setup()
+    stage.ensure_setup()
     urls = [p if "://" in p else server.url + p for p in paths]
     n = len(urls)
     t = pa.table(
@@ -64,6 +66,31 @@ def download(server, paths, **cfg):
         }
     )
     return dict(zip(paths, stage(t).to_pylist(), strict=True))
+
+
+def test_every_column_written_is_a_field_of_the_processed_image():
+    # The stage copies each column of ``writes`` from the field of the same name.
+    assert set(Download.writes) <= {f.name for f in dataclasses.fields(Processed)}
+    assert Download.writes[:2] == ("status", "error")  # in place; the others are appended in this order
+
+
+def test_rows_not_downloaded_keep_their_status_and_get_nulls(server):
+    # robots_txt off: the server's robots.txt hits are counted by another test.
+    rows = download(server, ["/ok.jpg"], robots_txt=False)
+    assert rows["/ok.jpg"]["status"] == "ok" and rows["/ok.jpg"]["mime"] == "image/jpeg"
+    stage = Download(DownloadConfig(allow_private=[server.host_port], robots_txt=False))
+    stage.ensure_setup()
+    t = pa.table(
+        {
+            "url": [server.url + "/ok.jpg"],
+            "status": ["invalid_url"],
+            "error": ["from the reader"],
+            "drop_reason": pa.nulls(1, pa.string()),
+        }
+    )
+    (row,) = stage(t).to_pylist()
+    assert (row["status"], row["error"]) == ("invalid_url", "from the reader")
+    assert all(row[c] is None for c in Download.writes[2:])
 
 
 def test_good_images_of_every_kind(server):

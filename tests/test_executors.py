@@ -6,7 +6,7 @@ import json
 import pytest
 import webdataset as wds
 from conftest import shard_files, sidecars, write_pipeline
-from support.testing import make_input
+from support.data import make_input
 
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pytest
 from conftest import write_pipeline
 from pydantic import ValidationError
-from support.testing import make_input
+from support.data import make_input
 
 from curate.kit.rules import first_failure, parse_rule
 from curate.stages.filter import ThresholdFilter, ThresholdFilterConfig

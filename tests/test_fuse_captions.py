@@ -68,7 +68,7 @@ def _table() -> pa.Table:
 
 def _stage(folder, **cfg) -> FuseCaptions:
     stage = FuseCaptions(FuseCaptionsConfig(model=str(folder), device="cpu", **{"max_new_tokens": 16, **cfg}))
-    stage.setup()
+    stage.ensure_setup()
     return stage
 
 
@@ -297,7 +297,7 @@ def test_pipeline_recaptions_and_fuses_kept_rows_and_trains_on_the_fused_caption
 
 
 def test_train_caption_fused_without_the_stage_fails_before_any_work(tmp_path, cli):
-    from support.testing import make_input
+    from support.data import make_input
 
     stages = [{"stage": "synthetic_image"}]
     pipe = write_pipeline(

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
+from support.data import make_tiny_clip
 from support.hostile import (
     CAPTION_CASES,
     DEADLINE,
@@ -36,7 +37,6 @@ from support.hostile import (
     first_stages,
     write_inputs,
 )
-from support.testing import make_tiny_clip
 
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline

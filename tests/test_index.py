@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sidecars, write_pipeline
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
 from curate.base import RetrievalIndexError
 from curate.core.config import load_config
@@ -207,7 +207,7 @@ def _most_distinct(r: Retriever, images: dict) -> str:
 
 
 def test_the_server_answers_over_http(runs, both):
-    from curate.cli.index import make_server
+    from curate.index.serve import make_server
 
     server = make_server(Retriever(both), "127.0.0.1", 0)
     port = server.server_address[1]

@@ -88,7 +88,7 @@ def test_unreachable_host_fails_fast_with_advice(model_dir):
 
 
 def _clip_pipeline(tmp_path: Path) -> Path:
-    from support.testing import make_input
+    from support.data import make_input
 
     inp = make_input(tmp_path / "in.parquet", 20)
     stages = [

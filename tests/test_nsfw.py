@@ -13,7 +13,7 @@ import pytest
 from conftest import score_shard
 from PIL import Image
 from pydantic import ValidationError
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
 from curate.base import ModelNotFound
 from curate.kit.image_batches import decode_rgb
@@ -71,7 +71,7 @@ def _embedding_column(rows: dict[int, np.ndarray], n: int) -> pa.Array:
 @pytest.fixture(scope="module")
 def opennsfw():
     stage = Nsfw(NsfwConfig(backend="opennsfw", batch_size=4, device="cpu", onnx_threads=1))
-    stage.setup()
+    stage.ensure_setup()
     return stage
 
 
@@ -92,7 +92,9 @@ def test_opennsfw_is_deterministic_and_batch_size_free(opennsfw):
     table = _mixed_shard()
     first = opennsfw(table)["nsfw_score"].to_pylist()
     assert opennsfw(table)["nsfw_score"].to_pylist() == first
-    one_by_one = Nsfw(NsfwConfig(backend="opennsfw", batch_size=1, device="cpu"))(table)
+    one_by_one = Nsfw(NsfwConfig(backend="opennsfw", batch_size=1, device="cpu"))
+    one_by_one.ensure_setup()
+    one_by_one = one_by_one(table)
     np.testing.assert_allclose(one_by_one["nsfw_score"].to_pylist()[:N_GOOD], first[:N_GOOD], atol=1e-5)
 
 
@@ -206,7 +208,7 @@ def _laion(tiny_clip, head_path, **cfg) -> Nsfw:
         **{"batch_size": 64, **cfg},
     )
     stage = Nsfw(config)
-    stage.setup()
+    stage.ensure_setup()
     return stage
 
 
@@ -273,6 +275,7 @@ def test_after_clip_score_the_same_scores_without_a_clip(tiny_clip, tiny_head):
     table = _mixed_shard()
     alone = _laion(tiny_clip, pth)(table)["nsfw_score"].to_pylist()
     clip_score = ClipScore(ClipScoreConfig(model=f"local-dir:{tiny_clip}", pretrained="random", device="cpu"))
+    clip_score.ensure_setup()
     stage = _laion(tiny_clip, pth)
     after = stage(clip_score(table))["nsfw_score"].to_pylist()
     assert not stage.scorer.clip_loaded
@@ -309,7 +312,7 @@ def test_offline_without_the_head_names_curate_models_fetch(tmp_path, monkeypatc
     monkeypatch.setenv("CURATE_OFFLINE", "1")
     monkeypatch.setenv("CURATE_MODEL_DIR", str(tmp_path / "models"))
     with pytest.raises(ModelNotFound, match="curate models fetch") as e:
-        Nsfw(NsfwConfig(backend="laion_clip")).setup()
+        Nsfw(NsfwConfig(backend="laion_clip")).ensure_setup()
     assert "clip_ViT-L-14_openai_binary_nsfw_head.pth" in str(e.value)
 
 

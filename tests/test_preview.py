@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from conftest import sidecars, write_pipeline
 from PIL import Image
-from support.testing import make_input
+from support.data import make_input
 
 from curate.core.schema import is_kept
 from curate.kit.rules import parse_rule

@@ -69,7 +69,7 @@ def _mixed_shard() -> pa.Table:
 
 def _stage(folder, **cfg) -> Recaption:
     stage = Recaption(RecaptionConfig(model=str(folder), device="cpu", decode_threads=1, **cfg))
-    stage.setup()
+    stage.ensure_setup()
     return stage
 
 
@@ -169,6 +169,7 @@ def test_a_hub_id_loads_from_the_model_directory_offline(tiny, tmp_path, monkeyp
     stage = Recaption(RecaptionConfig(model="acme/tiny-blip", device="cpu", max_new_tokens=4))
     (spec,) = stage.weights()
     assert spec.local == "hf/acme/tiny-blip" and spec.source == "hf://acme/tiny-blip"
+    stage.ensure_setup()
     out = stage(score_shard([_image(0)]))
     assert out["caption_vlm_model"].to_pylist() == ["acme/tiny-blip"] and out["caption_vlm"][0].as_py()
     pinned = Recaption(RecaptionConfig(model="acme/tiny-blip", revision="v1.0")).weights()[0]
@@ -180,18 +181,18 @@ def test_missing_weights_name_curate_models_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("CURATE_OFFLINE", "1")
     stage = Recaption(RecaptionConfig(model="Salesforce/blip-image-captioning-large"))
     with pytest.raises(ModelNotFound, match="curate models fetch") as e:
-        stage.setup()
+        stage.ensure_setup()
     assert str(tmp_path / "models/hf/Salesforce/blip-image-captioning-large") in str(e.value)
     with pytest.raises(ModelNotFound, match="not a transformers model folder"):
-        Recaption(RecaptionConfig(model=str(tmp_path))).setup()
+        Recaption(RecaptionConfig(model=str(tmp_path))).ensure_setup()
     with pytest.raises(ModelNotFound, match="neither a local folder nor a hub id"):
-        Recaption(RecaptionConfig(model="no/such/folder")).setup()
+        Recaption(RecaptionConfig(model="no/such/folder")).ensure_setup()
     assert Recaption(RecaptionConfig(model=str(tmp_path))).weights() == []
 
 
 def test_models_list_shows_the_repository(tmp_path, monkeypatch, cli):
     from conftest import write_pipeline
-    from support.testing import make_input
+    from support.data import make_input
 
     monkeypatch.setenv("CURATE_MODEL_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("CURATE_OFFLINE", "1")
@@ -242,7 +243,7 @@ def test_bf16_when_asked_on_a_cpu(tiny):
 @pytest.mark.parametrize("family", ["blip", "qwen2_vl"])
 def test_on_a_gpu_in_bf16(tiny, family):
     stage = Recaption(RecaptionConfig(model=str(tiny(family)), max_new_tokens=6, batch_size=4))
-    stage.setup()
+    stage.ensure_setup()
     assert stage.captioner.device.type == "cuda" and stage.captioner.model.dtype == torch.bfloat16
     captions = stage(_mixed_shard())["caption_vlm"].to_pylist()
     assert all(captions[:N_GOOD]) and captions[N_GOOD:] == [None, None, None]

@@ -5,10 +5,11 @@ import json
 import pyarrow.compute as pc
 import pytest
 from conftest import shard_files, sidecars, write_pipeline
-from support.testing import make_input
+from support.data import make_input
 
 from curate.core.config import load_config
-from curate.core.runner import collect_output, run_pipeline
+from curate.core.output import collect_output
+from curate.core.runner import run_pipeline
 from curate.core.schema import is_kept
 
 STAGES = [
@@ -77,7 +78,7 @@ def test_status_tells_a_run_whose_driver_is_gone(tmp_path, pipeline, cli):
     import subprocess
     import sys
 
-    from curate.core.runner import driver_identity
+    from curate.core.output import driver_identity
 
     run(pipeline)
     path = tmp_path / "out/run.json"

@@ -18,9 +18,9 @@ import torch
 from conftest import sidecars, write_pipeline
 from PIL import Image
 from safetensors.torch import load_file
-from support.testing import make_tiny_clip
+from support.data import make_tiny_clip
 
-from curate.base import ConfigError
+from curate.base import ConfigError, TrainError
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline
 from curate.index import build_index
@@ -221,6 +221,34 @@ def test_a_cpu_run_trains_checkpoints_logs_and_validates(run, tmp_path):
     assert any("training" in line and "M parameters" in line for line in lines)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "clip_score" in page  # curves and the grid
+
+
+def test_validation_scores_with_the_prompt_scorer_the_caller_supplies(run, tmp_path):
+    """The trainer knows no analyser of its own (it never imports the demo): validation.adherence scores the
+    generated images with the scorer the caller names 'adherence', and without one it refuses to start."""
+    over = {
+        "schedule.steps": 1,
+        "checkpoint.every": 1,
+        "validation.adherence": True,
+        "validation.eval_prompts": [
+            "a red circle on a blue background",
+            "a green star on a white background",
+        ],
+        "validation.eval_samples": 2,
+    }
+    seen = []
+
+    def scorer(images, prompts):
+        seen.append(([im.size for im in images], list(prompts)))
+        return {"adherence": 0.25, "n": len(images)}
+
+    with pytest.raises(TrainError, match="adherence"):
+        train(_config(run, tmp_path / "none", **over), progress=False)
+    assert not (tmp_path / "none").exists()  # refused before any work
+    train(_config(run, tmp_path / "t", **over), progress=False, prompt_scorers={"adherence": scorer})
+    assert seen == [([(16, 16)] * 2, over["validation.eval_prompts"])]
+    metrics = json.loads((tmp_path / "t" / "validation.jsonl").read_text().splitlines()[-1])["metrics"]
+    assert metrics["adherence"] == 0.25 and metrics["adherence_n"] == 2
 
 
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(run, tmp_path):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import write_pipeline
-from support.testing import make_input
+from support.data import make_input
 
 from curate.base import ConfigError
 from curate.core.config import parse_config

@@ -154,7 +154,7 @@ def test_auto_without_anything_says_what_to_pass(tmp_path):
 
 def test_clip_extractor(tmp_path):
     pytest.importorskip("open_clip")
-    from support.testing import make_tiny_clip
+    from support.data import make_tiny_clip
 
     from curate.models.clip import ClipModel
 

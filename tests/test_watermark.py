@@ -139,8 +139,15 @@ def _stage(**kw) -> Watermark:
     return Watermark(WatermarkConfig(**kw))
 
 
+def _ready(**kw) -> Watermark:
+    """The stage set up, as an executor sets it up before its first shard."""
+    stage = _stage(**kw)
+    stage.ensure_setup()
+    return stage
+
+
 def _laion_only(path) -> Watermark:
-    return _stage(text=False, ai_watermark=False, laion_arch=TINY_ARCH, laion_weights=str(path))
+    return _ready(text=False, ai_watermark=False, laion_arch=TINY_ARCH, laion_weights=str(path))
 
 
 def _by_hand(net, datas: list[bytes]) -> np.ndarray:
@@ -161,7 +168,6 @@ def test_laion_score_is_softmax_of_the_watermark_class(tiny_laion):
     net, path = tiny_laion
     datas = [_jpeg(_natural(i, side=200 + 40 * i)) for i in range(5)] + [_jpeg(_shapes(7).resize((90, 300)))]
     stage = _laion_only(path)
-    stage.setup()
     out = stage(_shard(datas))
     got = np.array(out["watermark_score"].to_pylist())
     assert out.schema.field("watermark_score").type == pa.float32()
@@ -194,7 +200,7 @@ def test_laion_weights_for_another_backbone_say_so(tiny_laion):
     for arch in ("test_resnet", "test_efficientnet_gn"):
         stage = _stage(text=False, ai_watermark=False, laion_arch=arch, laion_weights=str(path))
         with pytest.raises(ModelNotFound, match=arch):
-            stage.setup()
+            stage.ensure_setup()
 
 
 def test_missing_laion_weights_fail_in_setup_and_name_the_fetch_command(tmp_path, monkeypatch):
@@ -203,9 +209,9 @@ def test_missing_laion_weights_fail_in_setup_and_name_the_fetch_command(tmp_path
     stage = _stage(text=False, ai_watermark=False)
     assert [s.local for s in stage.weights()] == ["laion/watermark/watermark_model_v1.pt"]
     with pytest.raises(ModelNotFound, match="curate models fetch"):
-        stage.setup()
+        stage.ensure_setup()
     with pytest.raises(ModelNotFound, match="does not exist"):
-        _stage(text=False, ai_watermark=False, laion_weights=str(tmp_path / "nope.pt")).setup()
+        _stage(text=False, ai_watermark=False, laion_weights=str(tmp_path / "nope.pt")).ensure_setup()
 
 
 def test_weights_listed_only_when_laion_resolves_them(tiny_laion):
@@ -226,7 +232,7 @@ def test_only_kept_rows_with_a_decodable_image_are_scored(tiny_laion):
         status=["ok", "http_404", "ok", "ok", "ok"],
         drop=[None, None, "clip_score<0.28", None, None],
     )
-    stage = _stage(laion_arch=TINY_ARCH, laion_weights=str(path))
+    stage = _ready(laion_arch=TINY_ARCH, laion_weights=str(path))
     out = stage(table)
     for col in ALL_COLUMNS:
         values = out[col].to_pylist()
@@ -249,7 +255,7 @@ def test_only_kept_rows_with_a_decodable_image_are_scored(tiny_laion):
 )
 def test_only_enabled_detectors_write_columns(tiny_laion, switches):
     _, path = tiny_laion
-    stage = _stage(laion_arch=TINY_ARCH, laion_weights=str(path), **switches)
+    stage = _ready(laion_arch=TINY_ARCH, laion_weights=str(path), **switches)
     expected = tuple(col for col, on in zip(ALL_COLUMNS, switches.values(), strict=True) if on)
     assert stage.writes == expected
     table = _shard([_jpeg(_natural(0, side=256))])
@@ -259,7 +265,7 @@ def test_only_enabled_detectors_write_columns(tiny_laion, switches):
 
 
 def test_an_empty_shard_and_a_shard_without_scorable_rows():
-    stage = _stage(laion=False)
+    stage = _ready(laion=False)
     out = stage(_shard([]))
     assert out.num_rows == 0 and out.column_names[-2:] == ["text_area", "ai_watermark"]
     out = stage(_shard([None], status=["timeout"]))
@@ -280,7 +286,7 @@ def test_text_area_finds_overlaid_text_and_not_flat_shapes():
     seeds = range(4)
     clean = [_jpeg(_shapes(s)) for s in seeds]
     texted = [_jpeg(_with_text(_shapes(s))) for s in seeds]
-    out = _stage(laion=False, ai_watermark=False)(_shard(clean + texted))
+    out = _ready(laion=False, ai_watermark=False)(_shard(clean + texted))
     area = np.array(out["text_area"].to_pylist())
     # Measured: 0.0 on every clean image, 0.24-0.25 with the two lines of text.
     assert (area[: len(clean)] < 0.01).all(), area
@@ -320,7 +326,7 @@ def test_ai_watermark_reads_stable_diffusion_marks_after_jpeg():
     sdxl = _embed(rgb, "bits", MARKS["sdxl"].astype(int).tolist())
     # JPEG without chroma subsampling: the mark lives in the U plane, which 4:2:0 halves.
     datas = [_jpeg(x, subsampling=0) for x in (sd, sdxl, rgb)] + [_jpeg(_natural(4), subsampling=0)]
-    out = _stage(laion=False, text=False)(_shard(datas))
+    out = _ready(laion=False, text=False)(_shard(datas))
     marked_sd, marked_sdxl, unmarked, other = out["ai_watermark"].to_pylist()
     # Measured: 0.985, 1.0, 0.485, 0.583. dwtDct misreads some blocks even before compression (its
     # README says as much), so a marked image does not always decode to exactly 1.

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from curate.base import TrainDataError
+from curate.core.output import STATS_SUFFIX, OutputFolder
 from curate.core.storage import filesystem
 from curate.kit.rules import Rule, parse_rule
 from curate.train.config import DataConfig
@@ -76,13 +77,15 @@ def find_shards(sources: list[str]) -> list[str]:
                 raise TrainDataError(f"{source} is a file but not a .tar shard")
             found = [root]
         elif fs.isdir(root):
-            run = fs.exists(f"{root}/run.json")
-            folder = f"{root}/shards" if run else root
-            stats = fs.glob(f"{folder}/*_stats.json")
             # A curate run's shards: only the finished ones (the stats file is written last), never a tar a
-            # killed writer left; a plain folder of tars: all of them.
-            finished = [s[: -len("_stats.json")] + ".tar" for s in stats]
-            found = finished if run or stats else fs.glob(f"{folder}/*.tar")
+            # killed writer left; a folder of shards with their stats files (a run's shards/): the same; a
+            # plain folder of tars: all of them.
+            run = OutputFolder(source)
+            if run.is_run():
+                found = [run.shard_tar(shard) for shard in run.finished_shards()]
+            else:
+                stats = fs.glob(f"{root}/*{STATS_SUFFIX}")
+                found = [s[: -len(STATS_SUFFIX)] + ".tar" for s in stats] or fs.glob(f"{root}/*.tar")
         else:
             found = fs.glob(root)
         found = sorted(p for p in found if p.endswith(".tar"))
@@ -97,7 +100,7 @@ def run_roots(sources: list[str]) -> list[str]:
     roots = []
     for source in sources:
         fs, root = filesystem(source)
-        if fs.isdir(root) and fs.exists(f"{root}/run.json"):
+        if fs.isdir(root) and OutputFolder(source).is_run():
             roots.append(source)
     return roots
 

@@ -17,7 +17,6 @@ Sampling with both guidances (text ``g``, retrieval ``r``)::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -137,12 +136,12 @@ class TextEncoder:
 
 def clip_from_run(run_roots: list[str]) -> dict[str, str] | None:
     """The clip_score stage's model and pretrained of the first run that has one (as its run.json says)."""
-    from curate.core.storage import filesystem
+    from curate.core.output import OutputFolder
 
     for root in run_roots:
-        fs, path = filesystem(root)
-        with fs.open(f"{path}/run.json", "rb") as f:
-            info = json.load(f)
+        out = OutputFolder(root)
+        info = out.read_run() or {}
+        path = out.root
         for stage in info.get("config", {}).get("stages", []):
             if stage.get("stage") == "clip_score":
                 model = str(stage.get("model", "ViT-L-14"))

@@ -42,7 +42,7 @@ class NeighbourTable:
 
 def _run_samples(roots: list[str]) -> tuple[list[str], np.ndarray, dict[str, set[str]]]:
     """Kept samples' uids and image embeddings, and the dup_of relations, from the runs' sidecars."""
-    from curate.core.storage import filesystem
+    from curate.core.output import OutputFolder
     from curate.index import read_run
 
     uids: list[str] = []
@@ -52,9 +52,9 @@ def _run_samples(roots: list[str]) -> tuple[list[str], np.ndarray, dict[str, set
         rows = read_run(root)
         uids += rows.meta["uid"].to_pylist()
         vectors.append(np.asarray(rows.vectors, np.float32))
-        fs, path = filesystem(root)
-        for shard in fs.glob(f"{path}/shards/*.parquet"):
-            with fs.open(shard, "rb") as f:
+        out = OutputFolder(root)
+        for shard in out.finished_shards():
+            with out.fs.open(out.shard_parquet(shard), "rb") as f:
                 if "dup_of" not in pq.read_schema(f).names:
                     continue
                 f.seek(0)

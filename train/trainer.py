@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from curate.train.checkpoint import (
 from curate.train.config import TrainConfig
 from curate.train.data import ShardStream, find_shards, run_roots
 from curate.train.model import Generator, TextEncoder, clip_from_run, load_vae
+from curate.train.validate import PromptScorer
 
 __all__ = ["DistEnv", "Trainer", "dist_env", "train"]
 
@@ -74,10 +76,22 @@ def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, say=print, progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        say=print,
+        progress: bool = True,
+        prompt_scorers: Mapping[str, PromptScorer] | None = None,
+    ):
         self.cfg = cfg
         self.say = say
         self.progress = progress
+        self.prompt_scorers = dict(prompt_scorers or {})
+        if cfg.validation.adherence and "adherence" not in self.prompt_scorers:
+            raise TrainError(
+                "validation.adherence scores images with the sample world's analyser, which `curate train` and "
+                "`curate demo` supply; this caller gave no 'adherence' prompt scorer: set it false"
+            )
         self.env = dist_env()
         self.out = Path(cfg.output)
 
@@ -356,5 +370,12 @@ class _Bar:
         self.progress.stop()
 
 
-def train(cfg: TrainConfig, say=print, progress: bool = True) -> dict[str, Any]:
-    return Trainer(cfg, say, progress).run()
+def train(
+    cfg: TrainConfig,
+    say=print,
+    progress: bool = True,
+    prompt_scorers: Mapping[str, PromptScorer] | None = None,
+) -> dict[str, Any]:
+    """Train as ``cfg`` says. ``prompt_scorers`` are extra validation metrics by name (see
+    :data:`curate.train.validate.PromptScorer`); ``validation.adherence`` needs one named ``adherence``."""
+    return Trainer(cfg, say, progress, prompt_scorers).run()

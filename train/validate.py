@@ -6,7 +6,9 @@
 - FID and KID between ``fid_samples`` held-out shard images and images generated for their captions; the
   feature extractor is Inception when ``inception_weights`` is given, else the curation's CLIP image tower
   (its name is recorded: numbers from different extractors do not compare);
-- on the sample world, the exact prompt-adherence score of ``curate.demo.adherence``.
+- any prompt scorers the caller supplies (:data:`PromptScorer`): ``curate demo`` and ``curate train`` supply
+  the sample world's exact prompt-adherence analyser as ``adherence`` (``validation.adherence``). The trainer
+  knows no scorer of its own, so it never imports the demo.
 
 Each validation appends one line to ``<output>/validation.jsonl``.
 """
@@ -15,18 +17,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ["grid_image", "validate"]
+__all__ = ["PromptScorer", "grid_image", "validate"]
+
+# Generated images and the prompts they were made for -> metrics by name. A scorer named ``s`` returning
+# ``{"s": 0.7, "n": 64}`` is logged as ``s`` and ``s_n``.
+PromptScorer = Callable[[list[Image.Image], list[str]], dict[str, float]]
 
 
 def grid_image(images: np.ndarray, captions: list[str] | None = None, columns: int = 8, scale: int = 2):
     """uint8 [n, H, W, 3] -> one PIL grid; each cell scaled up ``scale`` times, captions under the cells."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     n = len(images)
     if n == 0:
@@ -71,8 +79,6 @@ def _neighbours(trainer, prompts: list[str]) -> torch.Tensor | None:
 
 
 def validate(trainer, denoiser, step: int) -> dict[str, Any]:
-    from PIL import Image
-
     v = trainer.cfg.validation
     gen, dev, out = trainer.gen, trainer.device, Path(trainer.cfg.output)
     started = time.perf_counter()
@@ -107,9 +113,7 @@ def validate(trainer, denoiser, step: int) -> dict[str, Any]:
             txt_emb = clip.encode_texts(prompts)
             m["clip_score"] = clip_score(img_emb, txt_emb)
         if v.adherence and prompts:
-            from curate.demo.adherence import adherence_of
-
-            a = adherence_of([Image.fromarray(x) for x in images], prompts)
+            a = trainer.prompt_scorers["adherence"]([Image.fromarray(x) for x in images], prompts)
             m.update({f"adherence_{k}" if k != "adherence" else k: val for k, val in a.items()})
     if v.fid_samples:
         from curate.train.data import holdout_samples

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from curate.base import ConfigError, Resources, StrictModel
 
@@ -141,12 +149,13 @@ _RESERVED_STAGE_KEYS = ("stage", "name", "resources")
 class StageSpec(BaseModel):
     """One item of ``stages``: ``{stage: <registered name>, name: <unique name>, resources: {...}, **params}``."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid")
 
     stage: str
     name: str
     resources: Resources = Field(default_factory=Resources)
-    config: Any = Field(description="the stage's own validated Config")
+    # The stage class's own Config, validated by it; SerializeAsAny dumps its fields, not the base's (none).
+    config: SerializeAsAny[StrictModel] = Field(description="the stage's own validated Config")
 
     def params(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from curate.base import ConfigError
 from curate.core.config import PipelineConfig
+from curate.core.output import OutputFolder
 from curate.core.reader import InputReader, ShardSpec
 from curate.core.registry import STAGES
-from curate.core.schema import COLUMNS, is_kept
+from curate.core.schema import COLUMNS, Column, declare, is_kept
 from curate.core.stage import GlobalStage, Stage, StageResources
 from curate.core.storage import filesystem, write_atomic
 from curate.core.writer import ShardWriter
@@ -72,18 +74,15 @@ class Pipeline:
                 mode, column, (("fused", mix.fused), ("vlm", mix.vlm), ("alt", mix.alt)), mix.seed
             ),
         )
-        _, self.root = filesystem(config.output.path)
+        self.output = OutputFolder(config.output.path)
+        self.root = self.output.root
         for bound in self.stages:
             if isinstance(bound.stage, GlobalStage):
                 bound.stage.state_path = self.state_path(bound.name)
 
     def state_path(self, stage_name: str) -> str:
-        fs, root = filesystem(self.config.output.path)
-        return (
-            fs.unstrip_protocol(f"{root}/global/{stage_name}")
-            if _remote(fs)
-            else f"{root}/global/{stage_name}"
-        )
+        """A global stage's state folder, as the stage opens it with ``filesystem()``."""
+        return self.output.url(self.output.global_state(stage_name))
 
     # --- the check before any work ---------------------------------------------------------------
 
@@ -141,8 +140,8 @@ class Pipeline:
             index=index,
             stages=phases[index],
             reader=self.reader if index == 0 else None,
-            source_dir=f"{self.root}/work/phase{index - 1}" if index > 0 else None,
-            sink_dir=f"{self.root}/work/phase{index}" if index < len(phases) - 1 else None,
+            source_dir=self.output.phase_dir(index - 1) if index > 0 else None,
+            sink_dir=self.output.phase_dir(index) if index < len(phases) - 1 else None,
             writer=self.writer,
             output_path=self.config.output.path,
         )
@@ -168,16 +167,12 @@ class Pipeline:
         return rows
 
 
-def _remote(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol not in ("file", "local")
-
-
 @dataclass
 class PhaseJob:
     """Everything needed to take one shard through one phase: where it comes from, the stages, where it goes.
 
-    Pickles cheaply (stages hold no heavy state until ``setup()``), so executors ship it to workers.
+    Pickles cheaply (stages hold no heavy state until ``setup()``), so executors ship it to workers, with the
+    schema's columns as this process declared them (``columns``), which the reader and writer look up there.
     """
 
     index: int
@@ -187,11 +182,14 @@ class PhaseJob:
     sink_dir: str | None
     writer: ShardWriter
     output_path: str
-    _ready: set[int] = field(default_factory=set, repr=False)
+    columns: tuple[Column, ...] = field(default_factory=lambda: tuple(COLUMNS.values()), repr=False)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy shipped to a worker sets its stages up again there.
-        return {**self.__dict__, "_ready": set()}
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy shipped to a worker declares the columns there: those of a stage registered by an explicit
+        # call in the driver only (a test's, a plugin's) too, in the driver's order.
+        self.__dict__.update(state)
+        for column in self.columns:
+            declare(column)
 
     @property
     def final(self) -> bool:
@@ -211,11 +209,9 @@ class PhaseJob:
         return table.replace_schema_metadata(None), timings
 
     def setup(self, stages: Sequence[BoundStage]) -> None:
-        """Call ``setup()`` of each stage once in this process."""
+        """Set each stage up, once in this process (:meth:`Stage.ensure_setup`), before its first shard."""
         for bound in stages:
-            if id(bound) not in self._ready:
-                bound.stage.setup()
-                self._ready.add(id(bound))
+            bound.stage.ensure_setup()
 
     def apply(self, stages: Sequence[BoundStage], table: pa.Table, timings: dict[str, Any]) -> pa.Table:
         self.setup(stages)
@@ -267,8 +263,12 @@ class PhaseShards:
 
     def read(self, shard_id: str, columns: list[str] | None = None) -> pa.Table:
         fs, _ = filesystem(self.output_path)
-        with fs.open(f"{self.phase_dir}/{shard_id}.arrow", "rb") as f:
-            table = pa.ipc.open_file(f).read_all()
+        path = f"{self.phase_dir}/{shard_id}.arrow"
+        if isinstance(fs, LocalFileSystem):  # memory-mapped, zero-copy: only what fit touches is read
+            table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        else:
+            with fs.open(path, "rb") as f:
+                table = pa.ipc.open_file(f).read_all()
         return table.select(columns) if columns else table
 
     def __iter__(self):

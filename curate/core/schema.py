@@ -1,8 +1,10 @@
 """Every column of a curate table, declared once: name, Arrow type, the stage that writes it, its meaning.
 
 A shard travels through the pipeline as one Arrow table with one row per input sample. The input reader
-writes the core columns; each stage adds the columns it declares here. Input columns that are not declared
-(LAION's ``similarity``, ``punsafe``, ...) are carried along untouched, after the declared ones.
+writes the core columns, declared here; each stage carries the columns it adds as class data
+(``Stage.columns``), and :func:`curate.core.registry.register` declares them when it registers the stage, so
+``COLUMNS`` is complete once the registry is imported. Input columns that are not declared (LAION's
+``similarity``, ``punsafe``, ...) are carried along untouched, after the declared ones.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ COLUMNS: dict[str, Column] = {}
 
 
 def declare(column: Column) -> Column:
-    """Add a column to the schema. Declaring the same name twice with another type is an error."""
+    """Add a column to the schema (the registry does, for each column of a stage it registers). Declaring
+    the same name twice with another type is an error; the first declaration keeps its place, which is the
+    column's place in every written table (:func:`canonical_order`)."""
     existing = COLUMNS.get(column.name)
     if existing is not None and existing.type != column.type:
         raise ValueError(
@@ -51,6 +55,8 @@ def declare(column: Column) -> Column:
     return COLUMNS[column.name]
 
 
+# The core columns: written by the input reader, and the image columns of the download stage. The download
+# stage's own extras (mime, phash) are in Download.columns.
 for _c in [
     # Written by the input reader.
     Column("uid", pa.string(), "input", "stable id: see uid_for(); same input, same uid, on every run"),

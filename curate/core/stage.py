@@ -1,5 +1,5 @@
-"""The stage protocol: one small class per step, with its config, the columns it reads and writes, and what it
-needs to run. Stages never import Ray; executors adapt them.
+"""The stage protocol: one small class per step, with its config, the columns it reads, writes and adds to
+the schema, and what it needs to run. Stages never import Ray; executors adapt them.
 
     class MinSide(Stage):
         name = "min_side"
@@ -11,20 +11,30 @@ needs to run. Stages never import Ray; executors adapt them.
         def __call__(self, table):
             small = pc.less(pc.min_element_wise(table["width"], table["height"]), self.config.pixels)
             return drop(table, small, f"min_side<{self.config.pixels}")
+
+A stage that writes a new column carries it in ``columns`` (``Column(name, type, writer, doc)``);
+:func:`curate.core.registry.register` adds it to the schema. Columns are set with :func:`set_column`.
+
+Running a stage, the one way: ``stage.ensure_setup()``, then ``stage(table)`` for each shard.
+``ensure_setup()`` calls ``setup()`` the first time only; the executors call it (through
+``PhaseJob.setup``) in every process before a stage's first shard: the local executor, Ray tasks and
+actors, the apply phase of a global stage, ``curate retry``. Code that calls a stage directly (tests,
+notebooks) calls ``ensure_setup()`` first, as the executors do. ``__call__`` never sets itself up. A global
+stage's ``fit()`` runs without ``setup()``: it writes the state that ``setup()`` then loads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.base import Resources, StrictModel
-from curate.core.schema import is_kept
+from curate.core.schema import COLUMNS, Column, is_kept
 
-__all__ = ["GlobalStage", "NoConfig", "Stage", "StageResources", "drop"]
+__all__ = ["GlobalStage", "NoConfig", "ShardSource", "Stage", "StageResources", "drop", "set_column"]
 
 
 class NoConfig(StrictModel):
@@ -56,19 +66,36 @@ class Stage:
 
     Heavy state (models) is loaded in ``setup()``, once per worker, never in ``__init__``, so that a stage
     pickles cheaply. A stage keeps every row: it adds columns, or records ``drop_reason`` on rows it drops.
+    ``columns`` are the columns the stage adds to the schema (registered with the stage); ``writes`` names
+    every column it sets, new or not.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[StrictModel]] = NoConfig
+    columns: ClassVar[tuple[Column, ...]] = ()
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     resources: StageResources = StageResources()
+    _set_up: bool = False  # set by ensure_setup(), in this process only (see __getstate__)
 
     def __init__(self, config: StrictModel | None = None):
         self.config = config if config is not None else self.Config()
 
     def setup(self) -> None:
-        """Load heavy state. Called once per worker before the first shard."""
+        """Load heavy state. Called once per worker before the first shard, by :meth:`ensure_setup`."""
+
+    def ensure_setup(self) -> None:
+        """Call ``setup()`` unless this process already did: what runs a stage calls it before the first
+        shard. A ``setup()`` that raises is called again next time."""
+        if not self._set_up:
+            self.setup()
+            self._set_up = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy shipped to another process (a Ray worker) sets itself up again there.
+        state = dict(self.__dict__)
+        state.pop("_set_up", None)
+        return state
 
     def weights(self) -> list[Any]:
         """The :class:`curate.models.weights.WeightsSpec` files ``setup()`` will resolve from the model
@@ -83,6 +110,25 @@ class Stage:
         return f"{type(self).__name__}({self.config!r})"
 
 
+class ShardSource(Protocol):
+    """What :meth:`GlobalStage.fit` reads: every shard of the run as the stages before it left them
+    (:class:`curate.core.pipeline.PhaseShards` is the one the pipeline passes)."""
+
+    @property
+    def ids(self) -> list[str]:
+        """The shard ids, in shard order."""
+        ...
+
+    @property
+    def output_path(self) -> str:
+        """The run's output folder (local or an fsspec URL), where a stage may write what users read."""
+        ...
+
+    def read(self, shard_id: str, columns: list[str] | None = None) -> pa.Table:
+        """The shard's table, with only ``columns`` when given."""
+        ...
+
+
 class GlobalStage(Stage):
     """A step that must see every shard before it can decide, such as deduplication.
 
@@ -93,8 +139,7 @@ class GlobalStage(Stage):
 
     state_path: str = ""
 
-    def fit(self, shards: Any) -> None:
-        """``shards`` is a :class:`curate.core.pipeline.PhaseShards`: ``ids`` and ``read(id, columns)``."""
+    def fit(self, shards: ShardSource) -> None:
         raise NotImplementedError
 
 
@@ -106,5 +151,21 @@ def drop(table: pa.Table, mask: pa.Array | pa.ChunkedArray, reason: str | pa.Arr
     hit = pc.and_(pc.fill_null(mask, False), is_kept(table))
     if isinstance(reason, str):
         reason = pa.scalar(reason, pa.string())
-    new = pc.if_else(hit, reason, table["drop_reason"])
-    return table.set_column(table.schema.get_field_index("drop_reason"), "drop_reason", new)
+    return set_column(table, "drop_reason", pc.if_else(hit, reason, table["drop_reason"]))
+
+
+def set_column(table: pa.Table, name: str, values: Any, type: pa.DataType | None = None) -> pa.Table:
+    """The table with ``values`` (a list, or an Arrow array used as it is) as column ``name``: in its place
+    when the table has it, else appended. A list is typed as the schema declares the column, or as ``type``."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        if type is None:
+            if name not in COLUMNS:
+                raise KeyError(
+                    f"column {name!r} is not declared: register the stage that adds it "
+                    "(curate.core.registry.register), or import curate.core.registry for the builtin stages"
+                )
+            type = COLUMNS[name].type
+        values = pa.array(values, type)
+    if name in table.column_names:
+        return table.set_column(table.schema.get_field_index(name), name, values)
+    return table.append_column(name, values)

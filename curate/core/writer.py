@@ -1,5 +1,7 @@
 """The end of every pipeline: one WebDataset tar, one parquet sidecar and one stats file per shard.
 
+Where each goes is :class:`curate.core.output.OutputFolder`'s to say; what each holds is this module's:
+
 shards/<id>.tar          <uid>.jpg|.png|.webp (if the row has an image), <uid>.json, <uid>.txt
                          for every kept row, in uid order, with fixed mtime and owner: byte-identical
                          on every rerun and executor. The json holds every column but the image and
@@ -29,8 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.core.output import OutputFolder
 from curate.core.schema import COLUMNS, canonical_order, is_kept, reason_bucket
-from curate.core.storage import filesystem, write_atomic, write_json_atomic
+from curate.core.storage import write_atomic, write_json_atomic
 from curate.kit.captions import TrainCaption
 
 __all__ = ["ShardWriter", "image_extension", "shard_counts", "thumbnail"]
@@ -96,22 +99,17 @@ class ShardWriter:
         self.train_caption = train_caption or TrainCaption("column", text_column)
 
     def paths(self, shard_id: str) -> dict[str, str]:
-        _, root = filesystem(self.output_path)
-        base = f"{root}/shards/{shard_id}"
-        return {
-            "tar": f"{base}.tar",
-            "parquet": f"{base}.parquet",
-            "stats": f"{base}_stats.json",
-            "dropped": f"{root}/dropped/{shard_id}.tar",
-        }
+        """The shard's files by kind (``tar``, ``parquet``, ``dropped``, ``stats``): see
+        :meth:`curate.core.output.OutputFolder.shard_files`."""
+        return OutputFolder(self.output_path).shard_files(shard_id)
 
     def write(self, shard_id: str, table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
         """Write the shard's files (stats last) and return the stats as written."""
-        fs, _ = filesystem(self.output_path)
-        paths = self.paths(shard_id)
-        fs.makedirs(paths["tar"].rsplit("/", 1)[0], exist_ok=True)
+        out = OutputFolder(self.output_path)
+        fs, paths = out.fs, out.shard_files(shard_id)
+        fs.makedirs(out.shards_dir, exist_ok=True)
         if self.dropped_thumbnails:
-            fs.makedirs(paths["dropped"].rsplit("/", 1)[0], exist_ok=True)
+            fs.makedirs(out.dropped_dir, exist_ok=True)
         # Schema metadata (pandas', an earlier phase's) would make the bytes depend on where a shard came from.
         table = table.select(canonical_order(table.column_names)).replace_schema_metadata(None)
 

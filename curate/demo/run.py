@@ -15,7 +15,8 @@ from rich.console import Console
 
 from curate.base import ConfigError
 from curate.core.config import load_config
-from curate.core.runner import RunSummary, run_pipeline
+from curate.core.output import OutputFolder, RunSummary
+from curate.core.runner import run_pipeline
 from curate.demo.server import WorldServer
 from curate.demo.world import build_world
 
@@ -97,11 +98,17 @@ def demo_captioners(out: Path, console: Console) -> tuple[Path, Path]:
     return folders
 
 
+def _sidecars(run_dir: Path) -> list[str]:
+    """The parquet sidecars of the run's finished shards."""
+    out = OutputFolder(run_dir)
+    return [out.shard_parquet(shard) for shard in out.finished_shards()]
+
+
 def caption_sample(run_dir: Path, rows: int = 3) -> dict:
     """A few kept rows' alt-text, VLM and fused captions, and the count of every fusion_status."""
     import pyarrow.compute as pc
 
-    sides = sorted((run_dir / "shards").glob("*.parquet"))
+    sides = _sidecars(run_dir)
     columns = ["uid", "caption", "caption_vlm", "caption_fused", "fusion_status"]
     side = pa.concat_tables([pq.read_table(p) for p in sides], promote_options="permissive")
     if "caption_fused" not in side.column_names:
@@ -178,7 +185,7 @@ def run_demo(
     report["captions"] = caption_sample(out / "run")
     print_caption_sample(report["captions"], console)
     try:
-        from curate.index import demo_index
+        from curate.demo.index import demo_index
 
         say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
         report["index"] = demo_index(out / "run", out / "index", say)
@@ -195,7 +202,7 @@ def run_demo(
 def check_against_truth(run_dir: Path, truth_path: Path) -> dict:
     """How often the download status equals the status the world planted, and where it differs."""
     truth = pq.read_table(truth_path)
-    sides = sorted((run_dir / "shards").glob("*.parquet"))
+    sides = _sidecars(run_dir)
     side = pa.concat_tables(
         [pq.read_table(p, columns=["uid", "status", "drop_reason", "mime"]) for p in sides]
     )
@@ -257,7 +264,7 @@ def score_report(run_dir: Path, truth_path: Path, config) -> dict:
     side = pa.concat_tables(
         [
             pq.read_table(p, columns=["uid", "clip_score", "text_area", "nsfw_score"])
-            for p in sorted((run_dir / "shards").glob("*.parquet"))
+            for p in _sidecars(run_dir)
         ]
     )
     rows = [r for r in side.to_pylist() if r["clip_score"] is not None]
@@ -301,7 +308,7 @@ def dedup_report(run_dir: Path, truth_path: Path) -> dict | None:
     all but one should go: those are the actual duplicates. A dropped row is correct when it belongs to a
     group and points to a row of the same group.
     """
-    sides = sorted((run_dir / "shards").glob("*.parquet"))
+    sides = _sidecars(run_dir)
     columns = ["uid", "drop_reason", "dup_of", "dup_kind"]
     side = pa.concat_tables([pq.read_table(p) for p in sides], promote_options="permissive")
     if "dup_kind" not in side.column_names:

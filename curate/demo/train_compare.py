@@ -69,13 +69,14 @@ def _train_one(args: tuple[str, list[str]]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    from curate.demo.adherence import adherence_of
     from curate.train.config import load_train_config
     from curate.train.trainer import train
 
     path, overrides = args
     cfg = load_train_config(path, overrides)
     lines: list[str] = []
-    summary = train(cfg, say=lines.append, progress=False)
+    summary = train(cfg, say=lines.append, progress=False, prompt_scorers={"adherence": adherence_of})
     last = json.loads(Path(cfg.output, "validation.jsonl").read_text().splitlines()[-1])
     return {"output": cfg.output, "seconds": summary["seconds"], "metrics": last["metrics"], "log": lines}
 

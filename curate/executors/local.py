@@ -7,7 +7,7 @@ import traceback
 from curate.core.config import ExecutorConfig
 from curate.core.pipeline import PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
-from curate.executors import OnResult
+from curate.executors.base import OnResult
 
 
 class LocalExecutor:

@@ -35,7 +35,7 @@ from curate.base import ConfigError
 from curate.core.config import ExecutorConfig
 from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
-from curate.executors import OnResult
+from curate.executors.base import OnResult
 from curate.executors.plan import actor_pools, actor_sizing, groups, single_operator, single_sizing
 
 _ROW_SCHEMA = pa.schema(

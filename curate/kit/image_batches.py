@@ -1,5 +1,5 @@
 """What every image-scoring stage shares: which rows to score, decoding them in CPU threads a batch ahead of
-the model, and writing a score column back into the shard.
+the model, and scattering scores back to their rows (``curate.core.stage.set_column`` writes the column).
 
 A scoring stage scores the rows that are kept and carry an image; every other row gets null, so a row
 dropped earlier never costs model time and a score is never made up. Decoding runs in ``threads`` workers
@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curate.core.schema import COLUMNS, is_kept
+from curate.core.schema import is_kept
 
-__all__ = ["decode_rgb", "iter_batches", "rows_to_score", "set_column"]
+__all__ = ["decode_rgb", "iter_batches", "rows_to_score", "scatter"]
 
 T = TypeVar("T")
 
@@ -82,15 +82,6 @@ def iter_batches(
             if b + 1 < len(batches):
                 pending = submit(pool, batches[b + 1])
             yield rows, items
-
-
-def set_column(table: pa.Table, name: str, values: Any, type: pa.DataType | None = None) -> pa.Table:
-    """Put ``values`` (a list or an Arrow array) into column ``name``, typed as the schema declares it."""
-    type = type or COLUMNS[name].type
-    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type)
-    if name in table.column_names:
-        return table.set_column(table.schema.get_field_index(name), name, array)
-    return table.append_column(name, array)
 
 
 def scatter(n: int, rows: Sequence[int], values: Sequence[Any]) -> list[Any]:

@@ -4,17 +4,14 @@
 replaces their rules on the named column by the given rule(s) (rules on other columns stay), and evaluates
 the new rules on the rows those stages decided: rows that are ok and either kept or dropped by a filter rule.
 The rules go through :func:`curate.kit.rules.first_failure`, as the stage does, so the counts are what a rerun
-with the new rules writes. An HTML page shows, per given rule, the column's histogram with the threshold
-and the images nearest the threshold on each side (kept images from the shard tars, dropped ones from the
-``dropped/`` audit tars).
+with the new rules writes. An HTML page (drawn with :mod:`curate.tools.html_page`, as the run report is)
+shows, per given rule, the column's histogram with the threshold and the images nearest the threshold on
+each side (kept images from the shard tars, dropped ones from the ``dropped/`` audit tars).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,14 +22,12 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from curate.base import ConfigError
-from curate.core.runner import OutputDir, collect_output
+from curate.core.output import OutputFolder
 from curate.core.storage import filesystem, write_atomic
-from curate.core.writer import ShardWriter, image_extension, thumbnail
 from curate.kit.rules import Rule, first_failure, parse_rule
+from curate.tools.html_page import card, card_images, escape, histogram, page
 
 __all__ = ["FilterStep", "PreviewReport", "preview_output", "preview_table"]
-
-IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif")
 
 
 @dataclass(frozen=True)
@@ -140,8 +135,8 @@ def preview_output(
 ) -> PreviewReport:
     """Count what the run in ``output`` would keep and drop with ``rule_texts``; write the HTML page to
     ``html_path`` (default ``OUTPUT/report/preview.html``; an empty string writes none)."""
-    out = OutputDir(output)
-    info = out.run_json()
+    out = OutputFolder(output)
+    info = out.read_run()
     if info is None:
         raise ConfigError([("OUTPUT", f"{output} holds no run.json: not a curate output folder")])
     problems = []
@@ -158,14 +153,13 @@ def preview_output(
     try:
         old = run_filters(info)
     except ValueError as e:
-        raise ConfigError([(f"{output}/run.json", str(e))]) from None
+        raise ConfigError([(out.as_given(out.run_json_path), str(e))]) from None
     new = replace_rules(old, given)
 
-    writer = ShardWriter(output)
-    shards = collect_output(output).shards_done
+    shards = out.finished_shards()
     if not shards:
         raise ConfigError([("OUTPUT", f"{output} has no finished shard yet: nothing to preview")])
-    with out.fs.open(writer.paths(shards[0])["parquet"], "rb") as f:
+    with out.fs.open(out.shard_parquet(shards[0]), "rb") as f:
         schema = pq.read_schema(f)
     columns = {name: schema.field(name).type for name in schema.names}
     for r in given:
@@ -184,7 +178,7 @@ def preview_output(
     if problems:
         raise ConfigError(problems)
 
-    table = _read_population(out, writer, shards, old + new, columns)
+    table = _read_population(out, shards, old + new, columns)
     reasons = evaluate(table, new)
     kept_now = pc.is_null(table["drop_reason"])
     dropping = pc.is_valid(reasons)
@@ -206,14 +200,14 @@ def preview_output(
     )
     if html_path != "":
         if html_path is None:  # in the output folder, on its filesystem (local or fsspec URL)
-            fs, root = out.fs, f"{out.root}/report/preview.html"
-            shown = f"{output.rstrip('/')}/report/preview.html"
+            fs, root = out.fs, out.preview_html
+            shown = out.as_given(out.preview_html)
         else:
             (fs, root), shown = filesystem(html_path), html_path
         if "/" in root:
             fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
-        page = _html(report, given, table, reasons, out, writer, per_side)
-        write_atomic(fs, root, page.encode())
+        html = _html(report, given, table, reasons, out, per_side)
+        write_atomic(fs, root, html.encode())
         report.html = shown
     return report
 
@@ -223,7 +217,7 @@ def _count(mask: pa.ChunkedArray) -> int:
 
 
 def _read_population(
-    out: OutputDir, writer: ShardWriter, shards: list[str], steps: list[FilterStep], columns: dict[str, Any]
+    out: OutputFolder, shards: list[str], steps: list[FilterStep], columns: dict[str, Any]
 ) -> pa.Table:
     """Rows the filter steps decided: ok, and either kept or dropped with a filter step's reason."""
     wanted = ["uid", "caption", "status", "drop_reason", *(r.column for s in steps for r in s.rules)]
@@ -231,7 +225,7 @@ def _read_population(
     made_by_filters = pa.array(sorted({reason for s in steps for reason in s.reasons()}), pa.string())
     parts = []
     for shard in shards:
-        with out.fs.open(writer.paths(shard)["parquet"], "rb") as f:
+        with out.fs.open(out.shard_parquet(shard), "rb") as f:
             t = pq.read_table(f, columns=wanted)
         ok = pc.fill_null(pc.equal(t["status"], "ok"), False)
         ours = pc.or_(pc.is_null(t["drop_reason"]), pc.is_in(t["drop_reason"], made_by_filters))
@@ -293,44 +287,29 @@ def preview_table(report: PreviewReport) -> Table:
 
 # --- the HTML page -----------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222}
-h1{font-size:20px}h2{font-size:17px;margin-top:32px}h3{font-size:15px}
-table.counts td{padding:2px 12px}table.counts td.n{text-align:right}
-.grid{display:flex;flex-wrap:wrap;gap:8px}
-.card{width:140px;font-size:11px;border:1px solid #ddd;padding:4px;border-radius:4px}
-.card img{max-width:128px;max-height:128px;display:block;margin:auto}
-.card .noimg{width:128px;height:64px;background:#eee;color:#888;text-align:center;line-height:64px}
-.card .score{font-weight:bold}.card .cap{color:#444;overflow-wrap:anywhere}
-.drop .score{color:#b00}.keep .score{color:#070}.note{color:#a60}
-"""
-
 
 def _html(
     report: PreviewReport,
     given: list[Rule],
     table: pa.Table,
     reasons: pa.ChunkedArray,
-    out: OutputDir,
-    writer: ShardWriter,
+    out: OutputFolder,
     per_side: int,
 ) -> str:
-    e = html.escape
+    e = escape
     sides: list[tuple[Rule, list[int], list[int]]] = []
     for rule in given:
         present = pc.invert(rule.missing(table))
         fails = pc.and_(present, rule.failing(table))
         passes = pc.and_(present, pc.invert(fails))
         sides.append((rule, _nearest(table, rule, fails, per_side), _nearest(table, rule, passes, per_side)))
-    wanted = {i for _, d, k in sides for i in d + k}
-    images = _images(table, sorted(wanted), out, writer)
+    wanted = sorted({i for _, d, k in sides for i in d + k})
+    uids, shards = table["uid"].to_pylist(), table["shard"].to_pylist()
+    kept_now = pc.is_null(table["drop_reason"]).to_pylist()
+    found = card_images(out, [(uids[i], shards[i], kept_now[i]) for i in wanted])
+    images = {wanted[j]: data for j, data in found.items()}
 
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>curate preview: {e('; '.join(report.rules))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>curate preview of {e(report.output)}</h1>",
-        "<section id='summary'><h2>Counts</h2><table class='counts'>",
-    ]
+    parts = ["<section id='summary'><h2>Counts</h2><table class='counts'>"]
     rows = [
         ("rows considered", report.considered),
         ("kept now", report.kept_now),
@@ -360,8 +339,9 @@ def _html(
                 parts.append(_card(table, i, rule, images.get(i), new_reason[i]))
             parts.append("</div>")
         parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return page(
+        f"curate preview: {'; '.join(report.rules)}", parts, heading=f"curate preview of {report.output}"
+    )
 
 
 def _rules_line(steps: list[FilterStep]) -> str:
@@ -380,52 +360,20 @@ def _nearest(table: pa.Table, rule: Rule, mask: pa.ChunkedArray, n: int) -> list
     return sorted(positions, key=key)[:n]
 
 
-def _images(table: pa.Table, positions: list[int], out: OutputDir, writer: ShardWriter) -> dict[int, bytes]:
-    """Thumbnails of the rows at ``positions``: kept rows' from the shard tars, dropped rows' from the
-    dropped/ audit tars. Rows whose image is not there are left out."""
-    uids, shards = table["uid"].to_pylist(), table["shard"].to_pylist()
-    kept = pc.is_null(table["drop_reason"]).to_pylist()
-    want: dict[tuple[str, str], dict[str, int]] = {}
-    for i in positions:
-        want.setdefault((shards[i], "tar" if kept[i] else "dropped"), {})[uids[i]] = i
-    found: dict[int, bytes] = {}
-    for (shard, which), by_uid in sorted(want.items()):
-        path = writer.paths(shard)[which]
-        if not out.fs.exists(path):
-            continue
-        with out.fs.open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
-            for member in tar:
-                uid, _, ext = member.name.partition(".")
-                if uid in by_uid and ext in IMAGE_EXTENSIONS:
-                    data = tar.extractfile(member).read()
-                    small = data if which == "dropped" else thumbnail(data)
-                    if small is not None:
-                        found[by_uid[uid]] = small
-    return found
-
-
 def _card(table: pa.Table, i: int, rule: Rule, image: bytes | None, new_reason: str | None) -> str:
-    e = html.escape
     value = table[rule.column][i].as_py()
     caption = table["caption"][i].as_py() if "caption" in table.column_names else None
     now = table["drop_reason"][i].as_py()
-    if image is not None:
-        mime = {"jpg": "jpeg", "png": "png", "webp": "webp", "gif": "gif"}.get(image_extension(image), "jpeg")
-        img = f"<img src='data:image/{mime};base64,{base64.b64encode(image).decode()}' alt=''>"
-    else:
-        img = "<div class='noimg'>no image</div>"
-    fate = f"now {'kept' if now is None else e(now)}; new {'kept' if new_reason is None else e(new_reason)}"
-    shown = f"{value:.4g}" if isinstance(value, float) else e(str(value))
-    return (
-        f"<div class='card'>{img}<div class='score'>{e(rule.column)} = {shown}</div>"
-        f"<div class='cap'>{e(caption or '')}</div><div class='fate'>{fate}</div></div>"
-    )
+    fate = f"now {'kept' if now is None else now}; new {'kept' if new_reason is None else new_reason}"
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    lines = [("score", f"{rule.column} = {shown}"), ("cap", caption or ""), ("fate", fate)]
+    return card(image, lines, title=table["uid"][i].as_py())
 
 
-def _histogram(table: pa.Table, rule: Rule, bins: int = 40, width: int = 640, height: int = 160) -> str:
-    """An inline SVG histogram of the rule's column, each bar split into the rows the rule keeps (green) and
-    drops (red), with the threshold as a dashed line on a bin edge; value counts for a non-numeric column."""
-    e = html.escape
+def _histogram(table: pa.Table, rule: Rule, bins: int = 40) -> str:
+    """The histogram of the rule's column, each bin split into the rows the rule keeps and drops, with the
+    threshold on a bin edge; value counts for a non-numeric column."""
+    e = escape
     column = table[rule.column]
     if rule.kind != "number":
         counts = Counter(v for v in column.to_pylist() if v is not None)
@@ -443,41 +391,12 @@ def _histogram(table: pa.Table, rule: Rule, bins: int = 40, width: int = 640, he
     step = (hi - lo) / bins if hi > lo else 1.0
     lo = thr - math.ceil((thr - lo) / step) * step  # the threshold falls on a bin edge
     n_bins = max(1, math.floor((hi - lo) / step) + 1)
-    hi = lo + n_bins * step
-    counts = [[0, 0] for _ in range(n_bins)]  # [kept, dropped] by this rule
+    kept, dropped = [0] * n_bins, [0] * n_bins
     for v, fail in zip(values, fails, strict=True):
-        counts[min(int((v - lo) / step + 1e-9), n_bins - 1)][1 if fail else 0] += 1
-    top = max(sum(c) for c in counts) or 1
-    pad, base = 30, height - 30
-    plot_h = base - 10
-    x = lambda v: pad + (v - lo) / (hi - lo) * (width - 2 * pad)  # noqa: E731
-    bar_w = (width - 2 * pad) / n_bins
-    parts = [
-        f"<svg class='histogram' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-        f"viewBox='0 0 {width} {height}'>"
-    ]
-    for b, (kept, dropped) in enumerate(counts):
-        y = base
-        for k, colour, label in ((dropped, "#d66", "drop"), (kept, "#4a9", "keep")):
-            if not k:
-                continue
-            h = k / top * plot_h
-            y -= h
-            parts.append(
-                f"<rect x='{pad + b * bar_w:.1f}' y='{y:.1f}' width='{max(bar_w - 1, 1):.1f}' height='{h:.1f}' "
-                f"fill='{colour}'><title>{lo + b * step:.4g} to {lo + (b + 1) * step:.4g}: {k:,} {label}"
-                "</title></rect>"
-            )
-    tx = x(thr)
-    parts += [
-        f"<line x1='{pad}' y1='{base}' x2='{width - pad}' y2='{base}' stroke='#888'/>",
-        f"<line class='threshold' x1='{tx:.1f}' y1='4' x2='{tx:.1f}' y2='{base}' stroke='#000' "
-        "stroke-dasharray='4 2'/>",
-        f"<text x='{tx + 3:.1f}' y='14' font-size='11'>{e(rule.text)}</text>",
-        f"<text x='{pad}' y='{height - 8}' font-size='11'>{lo:.4g}</text>",
-        f"<text x='{width - pad}' y='{height - 8}' font-size='11' text-anchor='end'>{hi:.4g}</text>",
-        f"<text x='{width / 2}' y='{height - 8}' font-size='11' text-anchor='middle'>{e(rule.column)} "
-        f"({len(values):,} rows, tallest bar {top:,})</text>",
-        "</svg>",
-    ]
-    return "".join(parts)
+        b = min(int((v - lo) / step + 1e-9), n_bins - 1)
+        if fail:
+            dropped[b] += 1
+        else:
+            kept[b] += 1
+    edges = [lo + b * step for b in range(n_bins + 1)]
+    return histogram(edges, kept, dropped, rule.column, [(thr, rule.text)])

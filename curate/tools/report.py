@@ -13,15 +13,12 @@ has no scores, no dedup, no captions):
 - image grids: kept samples, dropped samples per reason, duplicate pairs (the dropped copy next to the
   original it duplicates), and captions side by side (alt-text, VLM, fused).
 
-Plots are PNGs drawn by matplotlib (Agg, no pyplot state) and embedded as base64, like the thumbnails, so the
-page opens anywhere without a server.
+The page is drawn with :mod:`curate.tools.html_page`, as the preview's is: plots are inline SVG and thumbnails
+inline ``data:`` URIs, so the page opens anywhere without a server.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,12 +31,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.base import ConfigError
-from curate.core.runner import OutputDir, collect_output
+from curate.core.output import OutputFolder, collect_output
 from curate.core.schema import reason_bucket
 from curate.core.storage import write_atomic
-from curate.core.writer import ShardWriter, image_extension
 from curate.kit.rules import Rule
-from curate.tools.preview import FilterStep, _images, run_filters
+from curate.tools.html_page import (
+    KEPT_COLOUR,
+    bar_chart,
+    card,
+    card_images,
+    escape,
+    histogram,
+    image,
+    page,
+    table,
+)
+from curate.tools.preview import FilterStep, run_filters
 
 __all__ = ["SECTIONS", "RunReport", "build_report", "write_report"]
 
@@ -61,7 +68,6 @@ NOT_SCORES = ("dup_similarity",)
 CAPTION_COLUMNS = ("caption", "caption_vlm", "caption_fused")
 CAPTION_MODELS = {"caption_vlm": "caption_vlm_model", "caption_fused": "caption_fused_model"}
 BINS = 40
-DPI = 80
 
 
 @dataclass
@@ -81,13 +87,13 @@ class RunReport:
 def write_report(output: str, *, grid: int = 24, per_reason: int = 8, pairs: int = 12) -> RunReport:
     """Build the report of the run in ``output`` and write ``report/report.html`` and ``report/report.json``."""
     report = build_report(output, grid=grid, per_reason=per_reason, pairs=pairs)
-    out = OutputDir(output)
-    out.fs.makedirs(f"{out.root}/report", exist_ok=True)
-    page = render_html(report)
-    write_atomic(out.fs, f"{out.root}/report/report.json", json.dumps(report.data, indent=2).encode())
-    write_atomic(out.fs, f"{out.root}/report/report.html", page.encode())
-    report.html_path = f"{output.rstrip('/')}/report/report.html"
-    report.json_path = f"{output.rstrip('/')}/report/report.json"
+    out = OutputFolder(output)
+    out.fs.makedirs(out.report_dir, exist_ok=True)
+    html = render_html(report)
+    write_atomic(out.fs, out.report_json, json.dumps(report.data, indent=2).encode())
+    write_atomic(out.fs, out.report_html, html.encode())
+    report.html_path = out.as_given(out.report_html)
+    report.json_path = out.as_given(out.report_json)
     return report
 
 
@@ -96,20 +102,19 @@ def write_report(output: str, *, grid: int = 24, per_reason: int = 8, pairs: int
 
 def build_report(output: str, *, grid: int = 24, per_reason: int = 8, pairs: int = 12) -> RunReport:
     """Read a finished (or partial) run and gather every number and the sample uids the page shows."""
-    out = OutputDir(output)
-    info = out.run_json()
+    out = OutputFolder(output)
+    info = out.read_run()
     if info is None:
         raise ConfigError([("OUTPUT", f"{output} holds no run.json: not a curate output folder")])
-    summary = collect_output(output)
+    summary = collect_output(out)
     counts = summary.counts
     try:
         filters = run_filters(info)
     except ValueError:  # a run.json from another version with rules this one cannot parse: draw none
         filters = []
-    writer = ShardWriter(output)
     shards = summary.shards_done
 
-    scan = _scan(out, writer, shards, filters, grid, per_reason, pairs)
+    scan = _scan(out, shards, filters, grid, per_reason, pairs)
     data: dict[str, Any] = {
         "output": output,
         "name": info.get("name"),
@@ -131,7 +136,7 @@ def build_report(output: str, *, grid: int = 24, per_reason: int = 8, pairs: int
         "filters": [s.describe() for s in filters],
         **scan,
     }
-    images = _thumbnails(out, writer, data)
+    images = _thumbnails(out, data)
     return RunReport(output=output, data=data, images=images)
 
 
@@ -188,8 +193,7 @@ def _score_columns(schema: pa.Schema, filters: list[FilterStep]) -> list[str]:
 
 
 def _scan(
-    out: OutputDir,
-    writer: ShardWriter,
+    out: OutputFolder,
     shards: list[str],
     filters: list[FilterStep],
     grid: int,
@@ -205,7 +209,7 @@ def _scan(
     }
     if not shards:
         return result
-    with out.fs.open(writer.paths(shards[0])["parquet"], "rb") as f:
+    with out.fs.open(out.shard_parquet(shards[0]), "rb") as f:
         schema = pq.read_schema(f)
     names = set(schema.names)
     result["columns"] = [c for c in (*CAPTION_COLUMNS, "dup_of") if c in names]
@@ -221,7 +225,7 @@ def _scan(
     kept_masks: dict[str, list[np.ndarray]] = {c: [] for c in scores}
     samples = result["samples"]
     for shard in shards:
-        with out.fs.open(writer.paths(shard)["parquet"], "rb") as f:
+        with out.fs.open(out.shard_parquet(shard), "rb") as f:
             present = pq.read_schema(f).names
             t = pq.read_table(f, columns=[c for c in wanted if c in present])
         _count_domains(t, rows_by_domain, failed, statuses)
@@ -302,7 +306,7 @@ def _scan(
         v = np.concatenate(values[c]) if values[c] else np.zeros(0)
         k = np.concatenate(kept_masks[c]) if kept_masks[c] else np.zeros(0, dtype=bool)
         result["scores"][c] = _score_stats(v, k, thresholds.get(c, []))
-    _locate_originals(out, writer, shards, samples["duplicate_pairs"])
+    _locate_originals(out, shards, samples["duplicate_pairs"])
     return result
 
 
@@ -372,14 +376,14 @@ def _score_stats(v: np.ndarray, kept: np.ndarray, rules: list[Rule]) -> dict[str
     return d
 
 
-def _locate_originals(out: OutputDir, writer: ShardWriter, shards: list[str], found: list[dict]) -> None:
+def _locate_originals(out: OutputFolder, shards: list[str], found: list[dict]) -> None:
     """Fill in the shard of each pair's original (it may sit in another shard than its copy)."""
     wanted = {p["dup_of"] for p in found}
     if not wanted:
         return
     where: dict[str, str] = {}
     for shard in shards:
-        with out.fs.open(writer.paths(shard)["parquet"], "rb") as f:
+        with out.fs.open(out.shard_parquet(shard), "rb") as f:
             uids = pq.read_table(f, columns=["uid"])["uid"].to_pylist()
         where.update({u: shard for u in uids if u in wanted})
         if len(where) == len(wanted):
@@ -388,7 +392,7 @@ def _locate_originals(out: OutputDir, writer: ShardWriter, shards: list[str], fo
         p["dup_of_shard"] = where.get(p["dup_of"])
 
 
-def _thumbnails(out: OutputDir, writer: ShardWriter, data: dict[str, Any]) -> dict[str, bytes]:
+def _thumbnails(out: OutputFolder, data: dict[str, Any]) -> dict[str, bytes]:
     """The images the grids show: kept rows' from the shard tars, dropped rows' from dropped/."""
     samples = data["samples"]
     rows: list[tuple[str, str, str | None]] = []  # uid, shard, drop_reason (None: kept, in the shard tar)
@@ -399,45 +403,15 @@ def _thumbnails(out: OutputDir, writer: ShardWriter, data: dict[str, Any]) -> di
         if p["dup_of_shard"] is not None:
             rows.append((p["dup_of"], p["dup_of_shard"], None))
     rows = list(dict.fromkeys(rows))
-    if not rows:
-        return {}
-    table = pa.table(
-        {
-            "uid": [r[0] for r in rows],
-            "shard": [r[1] for r in rows],
-            "drop_reason": pa.array([r[2] for r in rows], pa.string()),
-        }
-    )
-    found = _images(table, list(range(len(rows))), out, writer)
+    found = card_images(out, [(uid, shard, reason is None) for uid, shard, reason in rows])
     return {rows[i][0]: data for i, data in found.items()}
 
 
 # --- the page ----------------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:21px}h2{font-size:17px;margin-top:34px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:14px;margin:14px 0 6px}
-table.n{border-collapse:collapse;font-size:13px}table.n td,table.n th{padding:2px 10px;text-align:left}
-table.n td.r,table.n th.r{text-align:right}table.n tr:nth-child(even){background:#f6f6f6}
-.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
-.row p{max-width:560px;font-size:13px}
-img.plot{max-width:100%;border:1px solid #eee}
-.grid{display:flex;flex-wrap:wrap;gap:8px}
-.card{width:140px;font-size:11px;border:1px solid #ddd;padding:4px;border-radius:4px}
-.card img{max-width:128px;max-height:128px;display:block;margin:auto}
-.noimg{width:128px;height:64px;background:#eee;color:#888;text-align:center;line-height:64px;margin:auto}
-.cap{color:#444;overflow-wrap:anywhere}.score{font-weight:bold}
-.pair{display:flex;gap:4px;border:1px solid #ddd;padding:4px;border-radius:4px;font-size:11px}
-.pair .card{border:none}.absent{color:#888;font-style:italic}
-table.caps td{vertical-align:top;font-size:12px;max-width:360px;overflow-wrap:anywhere}
-table.caps img{max-width:72px;max-height:72px}.model{color:#888;font-size:10px}
-"""
-
 
 def render_html(report: RunReport) -> str:
     d = report.data
-    e = html.escape
     body = {
         "funnel": _funnel_html(d),
         "counts": _counts_html(d),
@@ -450,96 +424,36 @@ def render_html(report: RunReport) -> str:
         "captions": _captions_html(d, report.images),
     }
     shards = d["shards"]
+    e = escape
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>curate run report: {e(str(d['name']))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>curate run report: {e(str(d['name']))}</h1>",
-        f"<p>{e(d['output'])}: {e(str(d['status']))}, {shards['done']}/{shards['total']} shard(s) done"
+        f"<p>{e(d['output'])}: {e(d['status'])}, {shards['done']}/{shards['total']} shard(s) done"
         + (f", {len(shards['failed'])} failed ({e(', '.join(shards['failed']))})" if shards["failed"] else "")
         + (f", {d['seconds']:.1f} s" if isinstance(d.get("seconds"), (int, float)) else "")
-        + f"; started {e(str(d['started']))}, finished {e(str(d['finished']))}. "
+        + f"; started {e(d['started'])}, finished {e(d['finished'])}. "
         "The numbers are in report.json next to this page.</p>",
     ]
     for sid, heading in SECTIONS:
         parts.append(f"<section id='{sid}'><h2>{heading}</h2>{body[sid]}</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return page(f"curate run report: {d['name']}", parts)
 
 
 def _absent(text: str) -> str:
-    return f"<p class='absent'>{html.escape(text)}</p>"
-
-
-def _table(header: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:
-    right = right or set()
-    e = html.escape
-    head = "".join(f"<th class='{'r' if i in right else ''}'>{e(h)}</th>" for i, h in enumerate(header))
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td class='{'r' if i in right else ''}'>{_cell(v)}</td>" for i, v in enumerate(r))
-        + "</tr>"
-        for r in rows
-    )
-    return f"<table class='n'><tr>{head}</tr>{body}</table>"
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return html.escape(str(v))
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)  # margins are set by hand: bbox_inches="tight" draws twice
-    return (
-        f"<img class='plot' alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-    )
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure  # drawn by the Agg canvas: no pyplot, no global state
-
-    return Figure(figsize=(width, height))
-
-
-def _barh(labels: list[str], values: list[float], colour: str, notes: list[str] | None = None) -> str:
-    """A horizontal bar chart, first label on top, each bar annotated."""
-    width, height = 6.4, 0.26 * len(labels) + 0.5
-    fig = _figure(width, height)
-    left = (0.075 * max(len(x) for x in labels) + 0.2) / width  # room for the labels at fontsize 8
-    fig.subplots_adjust(left=left, right=0.98, top=1 - 0.08 / height, bottom=0.35 / height)
-    ax = fig.add_subplot()
-    y = np.arange(len(labels))[::-1]
-    ax.barh(y, values, height=0.7, color=colour)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_ylim(-0.6, len(labels) - 0.4)
-    ax.tick_params(axis="x", labelsize=7)
-    top = max(values) if values else 1
-    for yi, v, note in zip(y, values, notes or [f"{v:,.0f}" for v in values], strict=True):
-        ax.text(v + top * 0.01, yi, note, va="center", fontsize=7)
-    ax.set_xlim(0, top * 1.4 or 1)
-    ax.spines[["top", "right"]].set_visible(False)
-    return _png(fig)
+    return f"<p class='absent'>{escape(text)}</p>"
 
 
 def _funnel_html(d: dict[str, Any]) -> str:
     f = d["funnel"]
     first = f[0]["rows"] or 1
     rows = [[s["step"], s["rows"], f"{100 * s['rows'] / first:.1f}%"] for s in f]
-    left = _table(["step", "rows", "of input"], rows, {1, 2})
+    left = table(["step", "rows", "of input"], rows, {1, 2})
     if "downloaded" not in [s["step"] for s in f]:
         left += _absent("this run has no download stage: no 'downloaded' step")
     right = ""
     if d["stages"]:
         labels = [s["name"] for s in d["stages"]]
         kept = [s["kept"] for s in d["stages"]]
-        right = "<h3>rows left after each stage</h3>" + _barh(
-            labels, kept, "#4a9", [f"{k:,} ({100 * k / first:.1f}%)" for k in kept]
+        right = "<h3>rows left after each stage</h3>" + bar_chart(
+            labels, kept, KEPT_COLOUR, [f"{k:,} ({100 * k / first:.1f}%)" for k in kept]
         )
     return f"<div class='row'><div>{left}</div><div>{right}</div></div>"
 
@@ -553,7 +467,7 @@ def _counts_html(d: dict[str, Any]) -> str:
         items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         total = sum(counts.values()) or 1
         rows = [[k, v, f"{100 * v / total:.1f}%"] for k, v in items]
-        parts.append(f"<div><h3>{title}</h3>{_table([title, 'rows', 'share'], rows, {1, 2})}</div>")
+        parts.append(f"<div><h3>{title}</h3>{table([title, 'rows', 'share'], rows, {1, 2})}</div>")
     return "<div class='row'>" + "".join(parts) + "</div>"
 
 
@@ -565,14 +479,14 @@ def _domains_html(d: dict[str, Any]) -> str:
         [x["domain"], x["failed"], x["rows"], f"{100 * x['failure_rate']:.1f}%", _statuses(x["statuses"])]
         for x in doms
     ]
-    table = _table(["domain", "failed", "rows", "failure rate", "statuses"], rows, {1, 2, 3}) + (
+    numbers = table(["domain", "failed", "rows", "failure rate", "statuses"], rows, {1, 2, 3}) + (
         "<p>rows whose status is not ok (failed downloads: link rot; invalid URLs, repeated rows), by URL host; "
         "the 20 hosts with the most</p>"
     )
     if len(doms) == 1:  # one bar says nothing the table does not
-        return f"<div class='row'><div>{table}</div></div>"
-    plot = _barh([x["domain"] for x in doms], [x["failed"] for x in doms], "#c84")
-    return f"<div class='row'><div>{table}</div><div>{plot}</div></div>"
+        return f"<div class='row'><div>{numbers}</div></div>"
+    plot = bar_chart([x["domain"] for x in doms], [x["failed"] for x in doms], "#c84")
+    return f"<div class='row'><div>{numbers}</div><div>{plot}</div></div>"
 
 
 def _statuses(s: dict[str, int]) -> str:
@@ -584,13 +498,13 @@ def _stages_html(d: dict[str, Any]) -> str:
     if not st:
         return _absent("no finished shard: no stage timings yet")
     rows = [[s["name"], s["rows_in"], s["kept"], s["seconds"], s["samples_per_s"]] for s in st]
-    table = _table(["stage", "rows in", "rows left", "seconds", "samples/s"], rows, {1, 2, 3, 4})
+    numbers = table(["stage", "rows in", "rows left", "seconds", "samples/s"], rows, {1, 2, 3, 4})
     notes = [
         f"{s['seconds']:.3g} s" + (f", {s['samples_per_s']:,.0f}/s" if s["samples_per_s"] else "") for s in st
     ]
-    plot = _barh([s["name"] for s in st], [s["seconds"] for s in st], "#96c", notes)
+    plot = bar_chart([s["name"] for s in st], [s["seconds"] for s in st], "#96c", notes)
     return (
-        f"<div class='row'><div>{table}<p>seconds are summed over shards (worker time, not wall time); "
+        f"<div class='row'><div>{numbers}<p>seconds are summed over shards (worker time, not wall time); "
         f"samples/s = rows in / seconds</p></div><div>{plot}</div></div>"
     )
 
@@ -602,54 +516,23 @@ def _scores_html(d: dict[str, Any]) -> str:
     parts = []
     for column, s in scores.items():
         if "histogram" not in s:
-            parts.append(f"<div><h3>{html.escape(column)}</h3>{_absent('no values')}</div>")
+            parts.append(f"<div><h3>{escape(column)}</h3>{_absent('no values')}</div>")
             continue
         h = s["histogram"]
-        edges = np.array(h["edges"])
-        fig = _figure(4.6, 2.4)
-        fig.subplots_adjust(left=0.12, right=0.97, top=0.86, bottom=0.12)
-        ax = fig.add_subplot()
-        total = np.add(h["kept"], h["dropped"])
-        # Two filled step outlines, not 2 x BINS bars: the same picture, drawn several times faster.
-        ax.stairs(total, edges, fill=True, color="#d66", label="dropped (any reason)")
-        ax.stairs(h["kept"], edges, fill=True, color="#4a9", label="kept")
-        ax.set_ylim(0, max(total.max(), 1) * 1.05)
-        for t in s["thresholds"]:
-            ax.axvline(t["value"], color="black", linestyle="--", linewidth=1)
-            ax.text(
-                t["value"],
-                ax.get_ylim()[1],
-                t["rule"],
-                fontsize=7,
-                ha="left",
-                va="top",
-                rotation=90,
-                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 1},
-            )
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
-        ax.spines[["top", "right"]].set_visible(False)
+        thresholds = [(t["value"], t["rule"]) for t in s["thresholds"]]
+        plot = histogram(h["edges"], h["kept"], h["dropped"], column, thresholds, width=460, height=200)
         q = s["quantiles"]
         rules = ", ".join(t["rule"] for t in s["thresholds"]) or "no filter rule"
         parts.append(
-            f"<div><h3>{html.escape(column)}</h3>{_png(fig)}<p style='font-size:12px'>min {s['min']:.4g}, "
+            f"<div><h3>{escape(column)}</h3>{plot}<p style='font-size:12px'>min {s['min']:.4g}, "
             f"p5 {q['p5']:.4g}, median {q['p50']:.4g}, p95 {q['p95']:.4g}, max {s['max']:.4g}; "
-            f"{html.escape(rules)}</p></div>"
+            f"{escape(rules)}</p></div>"
         )
     return "<div class='row'>" + "".join(parts) + "</div>"
 
 
-def _img(images: dict[str, bytes], uid: str) -> str:
-    data = images.get(uid)
-    if data is None:
-        return "<div class='noimg'>no image</div>"
-    mime = {"jpg": "jpeg", "png": "png", "webp": "webp", "gif": "gif"}.get(image_extension(data), "jpeg")
-    return f"<img alt='' src='data:image/{mime};base64,{base64.b64encode(data).decode()}'>"
-
-
 def _card(images: dict[str, bytes], uid: str, lines: list[tuple[str, str]]) -> str:
-    text = "".join(f"<div class='{cls}'>{html.escape(t)}</div>" for cls, t in lines)
-    return f"<div class='card' title='{html.escape(uid)}'>{_img(images, uid)}{text}</div>"
+    return card(images.get(uid), lines, title=uid)
 
 
 def _kept_html(d: dict[str, Any], images: dict[str, bytes]) -> str:
@@ -675,9 +558,7 @@ def _dropped_html(d: dict[str, Any], images: dict[str, bytes]) -> str:
         got = dropped[bucket]
         total = d["drop_reasons"].get(bucket, len(got))
         cards = "".join(_card(images, s["uid"], [("cap", s.get("caption") or "")]) for s in got)
-        parts.append(
-            f"<h3>{html.escape(bucket)}: {len(got)} of {total:,}</h3><div class='grid'>{cards}</div>"
-        )
+        parts.append(f"<h3>{escape(bucket)}: {len(got)} of {total:,}</h3><div class='grid'>{cards}</div>")
     return "".join(parts)
 
 
@@ -700,7 +581,7 @@ def _pairs_html(d: dict[str, Any], images: dict[str, bytes]) -> str:
 
 def _model(row: dict[str, Any], column: str) -> str:
     model = row.get(CAPTION_MODELS.get(column, ""))
-    return f"<div class='model'>{html.escape(model)}</div>" if model else ""
+    return f"<div class='model'>{escape(model)}</div>" if model else ""
 
 
 def _captions_html(d: dict[str, Any], images: dict[str, bytes]) -> str:
@@ -716,8 +597,8 @@ def _captions_html(d: dict[str, Any], images: dict[str, bytes]) -> str:
     labels = {"caption": "alt-text", "caption_vlm": "VLM", "caption_fused": "fused"}
     head = "<tr><th></th>" + "".join(f"<th>{labels[c]}</th>" for c in present) + "</tr>"
     body = "".join(
-        f"<tr><td>{_img(images, r['uid'])}</td>"
-        + "".join(f"<td>{html.escape(r.get(c) or '-')}{_model(r, c)}</td>" for c in present)
+        f"<tr><td>{image(images.get(r['uid']))}</td>"
+        + "".join(f"<td>{escape(r.get(c) or '-')}{_model(r, c)}</td>" for c in present)
         + "</tr>"
         for r in rows
     )

@@ -9,9 +9,9 @@ midway leaves a shard that ``curate run`` redoes from the input; nothing is half
 from __future__ import annotations
 
 import re
-import tarfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -20,14 +20,12 @@ from rich.console import Console
 
 from curate.base import ConfigError
 from curate.core.config import parse_config
+from curate.core.output import OutputFolder, collect_output
 from curate.core.pipeline import Pipeline
-from curate.core.runner import OutputDir, _now, collect_output
 from curate.core.schema import COLUMNS, CORE_COLUMNS
-from curate.core.stage import GlobalStage
-from curate.core.storage import filesystem, read_json, write_json_atomic
+from curate.core.stage import GlobalStage, set_column
 
 DEFAULT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
-_IMAGE_EXTENSIONS = (".jpg", ".png", ".webp", ".gif", ".bin")
 
 
 @dataclass
@@ -51,11 +49,13 @@ def retry_output(
     output: str, statuses: list[str] | None = None, console: Console | None = None
 ) -> RetrySummary:
     console = console or Console(stderr=True)
-    out = OutputDir(output)
-    info = out.run_json()
+    out = OutputFolder(output)
+    info = out.read_run()
     if info is None:
         raise ConfigError([("OUTPUT", f"{output} holds no run.json: not a curate output folder")])
-    config = parse_config(info["config"], source=f"{output}/run.json")
+    # The shards are rewritten where they are read: in ``output``, also when the run was moved since.
+    raw = {**info["config"], "output": {**info["config"].get("output", {}), "path": out.path}}
+    config = parse_config(raw, source=out.as_given(out.run_json_path))
     pipeline = Pipeline(config)
     if any(isinstance(b.stage, GlobalStage) for b in pipeline.stages):
         raise ConfigError(
@@ -70,21 +70,22 @@ def retry_output(
     match = status_matcher(list(statuses or DEFAULT_STATUSES))
     job = pipeline.job(0)
     summary = RetrySummary()
-    fs, _ = filesystem(output)
-    for shard in collect_output(output).shards_done:
-        paths = pipeline.writer.paths(shard)
-        sidecar = pq.read_table(fs.open(paths["parquet"], "rb"))
+    fs = out.fs
+    for shard in out.finished_shards():
+        paths = out.shard_files(shard)
+        with fs.open(paths["parquet"], "rb") as f:
+            sidecar = pq.read_table(f)
         picked = [i for i, s in enumerate(sidecar["status"].to_pylist()) if s and match.match(s)]
         if not picked:
             continue
         start = time.perf_counter()
         has_images = any("image" in b.stage.writes for b in pipeline.stages)
-        table = _with_images(sidecar, fs, [paths["tar"], paths["dropped"]]) if has_images else sidecar
+        table = _with_images(sidecar, out, shard) if has_images else sidecar
         fresh = _as_input(table.take(picked))
         timings: dict[str, Any] = {}
         redone = job.apply(pipeline.stages, fresh, timings)
         merged = _replace_rows(table, picked, redone)
-        old_stats = read_json(fs, paths["stats"])
+        old_stats = out.read_stats(shard)
         fs.rm_file(paths["stats"])  # the shard is incomplete until the writer's marker is back
         recovered = sum(1 for s in redone["status"].to_pylist() if s == "ok")
         retried = {
@@ -106,7 +107,7 @@ def retry_output(
                 summary.still[s] = summary.still.get(s, 0) + 1
         console.print(f"shard {shard}: {recovered}/{len(picked)} rows recovered")
 
-    total = collect_output(output)
+    total = collect_output(out)
     info.setdefault("retries", []).append(
         {
             "at": _now(),
@@ -117,23 +118,21 @@ def retry_output(
         }
     )
     info["counts"] = total.counts
-    write_json_atomic(out.fs, f"{out.root}/run.json", info)
+    out.write_run(info)
     return summary
 
 
-def _with_images(sidecar: pa.Table, fs: Any, tar_paths: list[str]) -> pa.Table:
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _with_images(sidecar: pa.Table, out: OutputFolder, shard: str) -> pa.Table:
     """The sidecar with its ``image`` column back: kept rows' images from the shard's tar, and dropped rows'
-    thumbnails from its dropped/ audit tar, so that rewriting the shard keeps them (a thumbnail of a
-    thumbnail is the same picture)."""
+    thumbnails from its dropped/ audit tar (none when output.dropped_thumbnails is off), so that rewriting
+    the shard keeps them (a thumbnail of a thumbnail is the same picture)."""
     images: dict[str, bytes] = {}
-    for tar_path in tar_paths:
-        if not fs.exists(tar_path):  # no audit tar when output.dropped_thumbnails is off
-            continue
-        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
-            for member in tar:
-                uid, dot, ext = member.name.partition(".")
-                if dot and f".{ext}" in _IMAGE_EXTENSIONS:
-                    images[uid] = tar.extractfile(member).read()
+    for which in ("tar", "dropped"):
+        images |= {uid: data for uid, (data, _) in out.images(shard, which).items()}
     column = pa.array([images.get(u) for u in sidecar["uid"].to_pylist()], pa.binary())
     return sidecar.append_column("image", column)
 
@@ -148,7 +147,7 @@ def _as_input(rows: pa.Table) -> pa.Table:
         ("error", pa.nulls(n, pa.string())),
         ("drop_reason", pa.nulls(n, pa.string())),
     ):
-        rows = rows.set_column(rows.schema.get_field_index(name), name, value)
+        rows = set_column(rows, name, value)
     return rows
 
 

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.base import HashListError, TakedownError
+from curate.core.output import OutputFolder, collect_output
 from curate.core.storage import filesystem, is_object_store, read_json, write_atomic, write_json_atomic
 from curate.core.writer import shard_counts
 from curate.kit.hash_lists import read_hashes
@@ -53,8 +54,6 @@ from curate.kit.hash_lists import read_hashes
 __all__ = ["REASON", "read_uids", "takedown"]
 
 REASON = "takedown"
-AUDIT = "takedown/audit.jsonl"
-PENDING = "takedown/pending.json"
 # Columns a taken-down row keeps; others are nulled unless numeric scalars (scores, counts).
 KEEP = frozenset(
     {
@@ -146,31 +145,14 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-class _Run:
-    def __init__(self, output: str):
-        self.fs, self.root = filesystem(output)
-        if not self.fs.exists(f"{self.root}/run.json"):
-            raise TakedownError(f"{output} holds no run.json: not a curate output folder")
-
-    def path(self, shard: str, kind: str) -> str:
-        return {
-            "tar": f"{self.root}/shards/{shard}.tar",
-            "parquet": f"{self.root}/shards/{shard}.parquet",
-            "dropped": f"{self.root}/dropped/{shard}.tar",
-            "stats": f"{self.root}/shards/{shard}_stats.json",
-        }[kind]
-
-    def rel(self, path: str) -> str:
-        return path[len(self.root) + 1 :]
-
-    def shards(self) -> list[str]:
-        return sorted(
-            p.rsplit("/", 1)[-1][: -len("_stats.json")]
-            for p in self.fs.glob(f"{self.root}/shards/*_stats.json")
-        )
+def _open_run(output: str) -> OutputFolder:
+    run = OutputFolder(output)
+    if not run.is_run():
+        raise TakedownError(f"{output} holds no run.json: not a curate output folder")
+    return run
 
 
-def _plan(run: _Run, request: dict[str, Any], index: Path | None) -> dict[str, Any]:
+def _plan(run: OutputFolder, request: dict[str, Any], index: Path | None) -> dict[str, Any]:
     """Which rows the request matches, and what each file holds of them now (with its sha256)."""
     wanted_uids = set(request["uids"])
     sha, ph = set(request["sha256"]), set(request["phash"])
@@ -178,8 +160,8 @@ def _plan(run: _Run, request: dict[str, Any], index: Path | None) -> dict[str, A
     matched_hashes: set[str] = set()
     shards: dict[str, dict[str, Any]] = {}
     already: set[str] = set()
-    for shard in run.shards():
-        with run.fs.open(run.path(shard, "parquet"), "rb") as f:
+    for shard in run.finished_shards():
+        with run.fs.open(run.shard_files(shard)["parquet"], "rb") as f:
             names = pq.read_schema(f).names
             f.seek(0)
             cols = [c for c in ("uid", "drop_reason", "sha256", "phash", "phash_mirror") if c in names]
@@ -197,10 +179,10 @@ def _plan(run: _Run, request: dict[str, Any], index: Path | None) -> dict[str, A
         found |= hits
         files = {}
         for kind in ("tar", "parquet", "dropped", "stats"):
-            data = _read(run.fs, run.path(shard, kind))
+            data = _read(run.fs, run.shard_files(shard)[kind])
             if data is None:
                 continue
-            files[kind] = {"path": run.rel(run.path(shard, kind)), "sha256_before": _sha(data)}
+            files[kind] = {"path": run.relative(run.shard_files(shard)[kind]), "sha256_before": _sha(data)}
             if kind in ("tar", "dropped"):
                 files[kind]["removed"] = _tar_members(data, hits)
         shards[shard] = {"uids": sorted(hits), "files": files}
@@ -226,11 +208,11 @@ def _plan(run: _Run, request: dict[str, Any], index: Path | None) -> dict[str, A
     return plan
 
 
-def _apply_shard(run: _Run, shard: str, uids: set[str]) -> dict[str, list[str]]:
+def _apply_shard(run: OutputFolder, shard: str, uids: set[str]) -> dict[str, list[str]]:
     """Remove these uids from the shard's files as they are now: tar, parquet, dropped, stats last."""
     removed: dict[str, list[str]] = {}
     for kind in ("tar", "parquet", "dropped"):
-        path = run.path(shard, kind)
+        path = run.shard_files(shard)[kind]
         data = _read(run.fs, path)
         if data is None:
             continue
@@ -243,30 +225,32 @@ def _apply_shard(run: _Run, shard: str, uids: set[str]) -> dict[str, list[str]]:
             if changed:
                 write_atomic(run.fs, path, new)
         removed[kind] = changed
-    table = pq.read_table(io.BytesIO(run.fs.cat_file(run.path(shard, "parquet"))))
-    stats = read_json(run.fs, run.path(shard, "stats"))
+    table = pq.read_table(io.BytesIO(run.fs.cat_file(run.shard_files(shard)["parquet"])))
+    stats = read_json(run.fs, run.shard_files(shard)["stats"])
     new_stats = {**stats, **shard_counts(table)}
     written = dict(stats.get("written", {}))
-    tar = run.fs.cat_file(run.path(shard, "tar"))
+    tar = run.fs.cat_file(run.shard_files(shard)["tar"])
     written.update(
-        samples=new_stats["kept"], tar_bytes=len(tar), parquet_bytes=run.fs.size(run.path(shard, "parquet"))
+        samples=new_stats["kept"],
+        tar_bytes=len(tar),
+        parquet_bytes=run.fs.size(run.shard_files(shard)["parquet"]),
     )
-    if run.fs.exists(run.path(shard, "dropped")):
-        dropped = run.fs.cat_file(run.path(shard, "dropped"))
+    if run.fs.exists(run.shard_files(shard)["dropped"]):
+        dropped = run.fs.cat_file(run.shard_files(shard)["dropped"])
         with tarfile.open(fileobj=io.BytesIO(dropped)) as t:
             thumbs = sum(n.endswith(".jpg") for n in t.getnames())
         written.update(dropped_thumbnails=thumbs, dropped_tar_bytes=len(dropped))
     new_stats["written"] = written
     if new_stats != stats:
-        write_json_atomic(run.fs, run.path(shard, "stats"), new_stats)
+        write_json_atomic(run.fs, run.shard_files(shard)["stats"], new_stats)
     return removed
 
 
-def _after(run: _Run, plan: dict[str, Any]) -> list[dict[str, Any]]:
+def _after(run: OutputFolder, plan: dict[str, Any]) -> list[dict[str, Any]]:
     files = []
     for shard, entry in sorted(plan["shards"].items()):
         for kind, f in entry["files"].items():
-            data = _read(run.fs, run.path(shard, kind))
+            data = _read(run.fs, run.shard_files(shard)[kind])
             after = _sha(data) if data is not None else None
             record = {**f, "sha256_after": after}
             if kind == "parquet":
@@ -277,9 +261,9 @@ def _after(run: _Run, plan: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(files, key=lambda f: f["path"])  # the pending file's json has its keys sorted
 
 
-def _append_audit(run: _Run, record: dict[str, Any]) -> None:
+def _append_audit(run: OutputFolder, record: dict[str, Any]) -> None:
     line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode()
-    path = f"{run.root}/{AUDIT}"
+    path = run.takedown_audit
     if is_object_store(run.fs):  # no appends on an object store: the whole log again, as one object
         write_atomic(run.fs, path, (_read(run.fs, path) or b"") + line)
         return
@@ -287,15 +271,15 @@ def _append_audit(run: _Run, record: dict[str, Any]) -> None:
         f.write(line)
 
 
-def _audited(run: _Run, request_id: str) -> bool:
-    data = _read(run.fs, f"{run.root}/{AUDIT}")
+def _audited(run: OutputFolder, request_id: str) -> bool:
+    data = _read(run.fs, run.takedown_audit)
     return bool(data) and any(json.loads(x).get("id") == request_id for x in data.decode().splitlines() if x)
 
 
-def _execute(run: _Run, pending: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+def _execute(run: OutputFolder, pending: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     plan = pending["plan"]
     if _audited(run, pending["id"]):  # killed after its audit line: only the pending file was left
-        run.fs.rm_file(f"{run.root}/{PENDING}")
+        run.fs.rm_file(run.takedown_pending)
         return pending
     for shard, entry in sorted(plan["shards"].items()):
         _apply_shard(run, shard, set(entry["uids"]))
@@ -316,17 +300,15 @@ def _execute(run: _Run, pending: dict[str, Any], say: Callable[[str], None]) -> 
             }
         )
     if any(f.get("sha256_before") != f.get("sha256_after") for f in files):
-        from curate.core.runner import collect_output
-
-        info = read_json(run.fs, f"{run.root}/run.json")
-        counts = collect_output(run.fs.unstrip_protocol(run.root)).counts
+        info = run.read_run() or {}
+        counts = collect_output(run).counts
         if info.get("counts") != counts:
             info["counts"] = counts
-            write_json_atomic(run.fs, f"{run.root}/run.json", info)
-        if run.fs.exists(f"{run.root}/report/report.json"):
+            run.write_run(info)
+        if run.fs.exists(run.report_json):
             from curate.tools.report import write_report
 
-            write_report(run.fs.unstrip_protocol(run.root))  # the report embeds thumbnails
+            write_report(run.path)  # the report embeds thumbnails
     removed = sum(len(f.get("removed", [])) + len(f.get("marked", [])) for f in files)
     record = {
         "id": pending["id"],
@@ -345,7 +327,7 @@ def _execute(run: _Run, pending: dict[str, Any], say: Callable[[str], None]) -> 
         "resumed": pending.get("resumed", False),
     }
     _append_audit(run, record)
-    run.fs.rm_file(f"{run.root}/{PENDING}")
+    run.fs.rm_file(run.takedown_pending)
     return record
 
 
@@ -362,9 +344,9 @@ def takedown(
     """Take the rows with these ``uids``, or these hashes (``{"sha256": [...], "phash": [...]}``), down from
     the run in ``output`` and from its index; returns the audit record written. See the module's doc."""
     say = progress or (lambda msg: None)
-    run = _Run(output)
-    if index is None and run.fs.exists(f"{run.root}/index/index.json") and not is_object_store(run.fs):
-        index = Path(run.root) / "index"
+    run = _open_run(output)
+    if index is None and run.fs.exists(f"{run.index_dir}/index.json") and not is_object_store(run.fs):
+        index = Path(run.index_dir)
     hashes = hashes or {}
     request = {
         "uids": sorted(set(uids or [])),
@@ -374,7 +356,7 @@ def takedown(
         "index": str(index) if index is not None else None,
         "source": source,
     }
-    pending_path = f"{run.root}/{PENDING}"
+    pending_path = run.takedown_pending
     if run.fs.exists(pending_path):
         pending = read_json(run.fs, pending_path)
         pending["resumed"] = True
@@ -382,7 +364,7 @@ def takedown(
         record = _execute(run, pending, say)
         if pending["request"] == request:
             return record
-    run.fs.makedirs(f"{run.root}/takedown", exist_ok=True)
+    run.fs.makedirs(run.takedown_dir, exist_ok=True)
     pending = {
         "id": uuid.uuid4().hex,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,12 +1,14 @@
-"""Helpers for tests and benchmarks: generated inputs and test-only stages.
+"""Test-only stages, registered by an explicit :func:`register_test_stages` call (``tests/conftest.py``,
+the ``curate`` subprocesses of ``tests/raycluster.py``, the benchmarks that run them); pipelines of users never
+see them.
 
-The stages live in the installed package (not in a test module) so that Ray workers and ``curate`` run in a
-subprocess can import them. Importing this module registers them; pipelines of users never see them.
+They live in a module of their own (not in a test module) so that Ray workers and ``curate`` run in a
+subprocess can import them: ``tests/`` is on their ``PYTHONPATH``. A Ray worker needs no registration: the
+job it is sent brings the driver's columns (``curate.core.pipeline.PhaseJob.columns``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,50 +17,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.base import StrictModel
 from curate.core.registry import register
-from curate.core.schema import Column, declare
-from curate.core.stage import GlobalStage, Stage, StageResources, drop
+from curate.core.schema import COLUMNS, Column
+from curate.core.stage import GlobalStage, ShardSource, Stage, StageResources, drop, set_column
 
-__all__ = ["make_input", "register_test_stages"]
-
-
-def make_input(path: str | os.PathLike, rows: int, *, seed: int = 0, bad_every: int = 0) -> Path:
-    """A LAION-style parquet (``URL``, ``TEXT``, ``similarity``) of ``rows`` rows.
-
-    With ``bad_every=k``, every k-th row has a problem: a null URL, an ftp URL, an empty caption or a repeat
-    of the row before, in turn.
-    """
-    urls, captions, sims = [], [], []
-    words = ["red", "small", "old", "bright", "wooden", "stone", "blue", "quiet", "tall", "round"]
-    things = ["house", "boat", "dog", "tree", "cup", "bridge", "chair", "lamp", "bird", "car"]
-    for i in range(rows):
-        h = int(hashlib.sha256(f"{seed}-{i}".encode()).hexdigest(), 16)
-        urls.append(f"http://images.example.com/{seed}/{i:07d}.jpg")
-        captions.append(f"a {words[h % 10]} {things[(h >> 8) % 10]} number {i}" + " extra" * ((h >> 16) % 4))
-        sims.append(round(((h >> 24) % 1000) / 1000, 3))
-        if bad_every and i % bad_every == bad_every - 1:
-            kind = (i // bad_every) % 4
-            if kind == 0:
-                urls[-1] = None
-            elif kind == 1:
-                urls[-1] = f"ftp://images.example.com/{i}.jpg"
-            elif kind == 2:
-                captions[-1] = ""
-            elif i > 0:
-                urls[-1], captions[-1] = urls[-2], captions[-2]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"URL": urls, "TEXT": captions, "similarity": sims}), path, row_group_size=1000)
-    return path
-
-
-CAPTION_CHARS = declare(
-    Column("caption_chars", pa.int32(), "caption_chars", "test: caption length, by a model stage")
-)
+__all__ = ["TEST_STAGES", "register_test_stages"]
 
 
 class SyntheticImageConfig(StrictModel):
@@ -101,6 +67,9 @@ class CaptionChars(Stage):
     """Test stage that behaves like a model stage: state built in ``setup()``, run as an actor under Ray."""
 
     name = "caption_chars"
+    columns = (
+        Column("caption_chars", pa.int32(), "caption_chars", "test: caption length, by a model stage"),
+    )
     reads = ("caption",)
     writes = ("caption_chars",)
     resources = StageResources(cpus=0.5, uses_model=True)
@@ -109,7 +78,7 @@ class CaptionChars(Stage):
         self.setup_pid = os.getpid()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if not hasattr(self, "setup_pid"):
+        if not hasattr(self, "setup_pid"):  # the framework's ensure_setup() must have run setup()
             raise RuntimeError("setup() was not called before the stage ran")
         lengths = pc.utf8_length(pc.fill_null(table["caption"], ""))
         return table.append_column("caption_chars", pc.cast(lengths, pa.int32()))
@@ -165,12 +134,12 @@ class KeepLongest(GlobalStage):
     reads = ("caption", "uid")
     writes = ("drop_reason",)
 
-    def fit(self, shards) -> None:
+    def fit(self, shards: ShardSource) -> None:
         from curate.core.schema import is_kept
         from curate.core.storage import filesystem, write_atomic
 
         rows = []
-        for shard in shards:
+        for shard in shards.ids:
             t = shards.read(shard, ["uid", "caption", "status", "drop_reason"])
             t = t.filter(is_kept(t))
             rows += [
@@ -214,17 +183,11 @@ class Planted(Stage):
         return tuple(self.config.columns)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from curate.core.schema import COLUMNS
-
         ok = pc.equal(table["status"], "ok")
         for column in self.config.columns:
             source = table[f"input_{column}"]
             values = pc.if_else(ok, source, pa.nulls(table.num_rows, source.type))
-            values = values.cast(COLUMNS[column].type)
-            if column in table.column_names:
-                table = table.set_column(table.schema.get_field_index(column), column, values)
-            else:
-                table = table.append_column(column, values)
+            table = set_column(table, column, values.cast(COLUMNS[column].type))
         return table
 
 
@@ -232,42 +195,6 @@ TEST_STAGES = (SyntheticImage, CaptionChars, Sleep, Fail, KeepLongest, Planted)
 
 
 def register_test_stages() -> None:
+    """Register the test stages (and their columns). Idempotent: a second call changes nothing."""
     for cls in TEST_STAGES:
         register(cls)
-
-
-register_test_stages()
-
-
-# --- tiny models, saved and loaded through the real loading code -------------------------------------
-
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def make_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """A randomly initialised 1.6 M-parameter open_clip model saved as a hub-style folder
-    (``open_clip_config.json`` + ``open_clip_model.safetensors``), which loads with ``local-dir:<folder>``."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CLIP_CFG)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors"
-    )
-    config = {
-        "model_cfg": TINY_CLIP_CFG,
-        "preprocess_cfg": {
-            "mean": [0.48145466, 0.4578275, 0.40821073],
-            "std": [0.26862954, 0.26130258, 0.27577711],
-        },
-    }
-    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    return folder

@@ -1,10 +1,5 @@
-"""Duplicate finding: exact (sha256), perceptual (pHash Hamming distance) and semantic (FAISS on CLIP
-embeddings), and the one rule that turns their pairs into decisions.
-
-Everything here works on row numbers ``0..n-1`` of the rows a dedup considers, with a ``rank`` per row from
-the keep rule (0 = the row to keep first). Finders return candidate pairs; :func:`resolve` walks the rows
-in rank order and drops a row when a better-ranked row it pairs with is still kept, so that every dropped
-row points to a row that is kept, and the same pairs give the same decisions on every run.
+"""Semantic duplicates: rows whose CLIP embeddings have a cosine similarity above a threshold, found with
+FAISS (SemDeDup's clusters, or an IVF range search).
 
 Memory, per million vectors of dimension 512 (measured in ``benchmarks/dedup_scale.py``): the float16
 vectors stay in a memory-mapped file (1 GB on disk, paged in as needed); k-means trains on at most
@@ -18,152 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
-from curate.kit.hashing import chunk_bounds, chunk_values, hamming
+from curate.kit.duplicates.pairs import KIND_SEMANTIC, Pairs
 
-__all__ = [
-    "KIND_PERCEPTUAL",
-    "KIND_SEMANTIC",
-    "Pairs",
-    "exact_groups",
-    "keep_rank",
-    "perceptual_pairs",
-    "resolve",
-    "semantic_pairs",
-]
-
-KIND_PERCEPTUAL, KIND_SEMANTIC = 0, 1  # the order is the precedence when a row pairs with both
-KIND_NAMES = ("perceptual", "semantic")
-
-
-@dataclass
-class Pairs:
-    """Candidate pairs ``(a[k], b[k])`` with ``a < b`` as row numbers, their kind and similarity
-    (cosine for semantic pairs; ``1 - hamming / 64`` for perceptual ones)."""
-
-    a: np.ndarray
-    b: np.ndarray
-    kind: np.ndarray
-    similarity: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Pairs:
-        return cls(
-            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.float32)
-        )
-
-    @classmethod
-    def concat(cls, parts: list[Pairs]) -> Pairs:
-        if not parts:
-            return cls.empty()
-        return cls(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("a", "b", "kind", "similarity"))
-        )
-
-    def __len__(self) -> int:
-        return len(self.a)
-
-    def unique(self) -> Pairs:
-        """One entry per (a, b, kind), the highest similarity; sorted, so the order is deterministic."""
-        if not len(self):
-            return self
-        order = np.lexsort((-self.similarity, self.kind, self.b, self.a))
-        a, b, k, s = self.a[order], self.b[order], self.kind[order], self.similarity[order]
-        first = np.ones(len(a), bool)
-        first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (k[1:] != k[:-1])
-        return Pairs(a[first], b[first], k[first], s[first])
-
-
-# --- ranks and exact groups ----------------------------------------------------------------------------
-
-
-def keep_rank(keys: list[tuple[np.ndarray, bool]], uid: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Each row's place in the keep order: by each key (values, descending?) in turn, nulls (NaN) last,
-    then by uid, then by position (two input rows may share a uid). Returns ranks ``0..n-1``."""
-    n = len(uid)
-    sort_keys: list[np.ndarray] = [position, uid]
-    for values, descending in reversed(keys):
-        v = np.asarray(values, dtype=np.float64)
-        missing = np.isnan(v)
-        v = np.where(missing, 0.0, -v if descending else v)
-        sort_keys += [v, missing]  # lexsort: the last key is the primary one
-    order = np.lexsort(sort_keys)
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n)
-    return rank
-
-
-def exact_groups(digests: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """For each row, the best-ranked row with the same digest (itself when it is the best or alone).
-    Rows whose digest is None get themselves."""
-    n = len(digests)
-    rep = np.arange(n)
-    valid = np.array([d is not None for d in digests], bool)
-    idx = np.flatnonzero(valid)
-    if not len(idx):
-        return rep
-    _, inverse = np.unique(digests[idx].astype(str), return_inverse=True)
-    order = np.lexsort((rank[idx], inverse))  # by group, best rank first
-    groups, rows = inverse[order], idx[order]
-    starts = np.ones(len(rows), bool)
-    starts[1:] = groups[1:] != groups[:-1]
-    best = rows[starts][np.cumsum(starts) - 1]
-    rep[rows] = best
-    return rep
-
-
-# --- perceptual ---------------------------------------------------------------------------------------
-
-
-def perceptual_pairs(hashes: np.ndarray, rows: np.ndarray, max_distance: int) -> Pairs:
-    """Pairs of ``rows`` whose 64-bit hashes differ in at most ``max_distance`` bits. A row may own several
-    hashes (its mirror hash too): a pair is reported once, at its smallest distance.
-
-    Exact, by the pigeonhole principle (multi-index hashing): cut the 64 bits into ``max_distance + 1``
-    chunks; two hashes within the distance agree on at least one whole chunk. So only rows that share a
-    chunk value are compared. The work grows with the size of the buckets, which is small for varied
-    images and large for many near-identical ones (which are then duplicates anyway).
-    """
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) < 2:
-        return Pairs.empty()
-    found_a: list[np.ndarray] = []
-    found_b: list[np.ndarray] = []
-    found_d: list[np.ndarray] = []
-    for lo, hi in chunk_bounds(max_distance):
-        key = chunk_values(hashes, lo, hi)
-        order = np.argsort(key, kind="stable")
-        sk = key[order]
-        cuts = np.flatnonzero(np.diff(sk)) + 1
-        for group in np.split(order, cuts):
-            if len(group) < 2:
-                continue
-            i, j = np.triu_indices(len(group), 1)
-            d = hamming(hashes[group[i]], hashes[group[j]])
-            close = d <= max_distance
-            close &= rows[group[i]] != rows[group[j]]  # a row's hash and its own mirror hash
-            if close.any():
-                a, b = rows[group[i][close]], rows[group[j][close]]
-                found_a.append(np.minimum(a, b))
-                found_b.append(np.maximum(a, b))
-                found_d.append(d[close])
-    if not found_a:
-        return Pairs.empty()
-    d = np.concatenate(found_d)
-    pairs = Pairs(
-        np.concatenate(found_a),
-        np.concatenate(found_b),
-        np.full(len(d), KIND_PERCEPTUAL, np.int8),
-        (1 - d / 64).astype(np.float32),
-    )
-    return pairs.unique()
-
-
-# --- semantic -----------------------------------------------------------------------------------------
+__all__ = ["semantic_pairs", "use_gpu"]
 
 
 def _faiss():
@@ -353,52 +208,3 @@ def _within(
                 )
             )
     return Pairs.concat(parts)
-
-
-# --- decisions ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Decisions:
-    """Per row: ``dup_of`` (row number of the kept row it duplicates, -1 when kept), ``kind`` (-1 when
-    kept) and ``similarity``."""
-
-    dup_of: np.ndarray
-    kind: np.ndarray
-    similarity: np.ndarray
-
-
-def resolve(n: int, rank: np.ndarray, pairs: Pairs, candidates: np.ndarray | None = None) -> Decisions:
-    """Walk the rows in rank order; drop a row when one of its pairs is a better-ranked row that is kept,
-    pointing to the best such partner: the first kind (perceptual before semantic), then the highest
-    similarity, then the best rank. A row never drops because of a row that is itself dropped, so every
-    dropped row points to a kept one. ``candidates`` limits the rows that may be dropped (default: all)."""
-    dup_of = np.full(n, -1, np.int64)
-    kind = np.full(n, -1, np.int8)
-    similarity = np.full(n, np.nan, np.float32)
-    if not len(pairs):
-        return Decisions(dup_of, kind, similarity)
-    # Both directions, then by row: each row's partners in one slice.
-    src = np.concatenate([pairs.a, pairs.b])
-    dst = np.concatenate([pairs.b, pairs.a])
-    k = np.concatenate([pairs.kind, pairs.kind])
-    s = np.concatenate([pairs.similarity, pairs.similarity])
-    better = rank[dst] < rank[src]
-    src, dst, k, s = src[better], dst[better], k[better], s[better]
-    # Within a row: preferred partner first.
-    order = np.lexsort((rank[dst], -s, k, src))
-    src, dst, k, s = src[order], dst[order], k[order], s[order]
-    rows, starts = np.unique(src, return_index=True)
-    ends = np.append(starts[1:], len(src))
-    allowed = None if candidates is None else set(candidates.tolist())
-    for r in np.argsort(rank[rows], kind="stable"):
-        row = rows[r]
-        if allowed is not None and row not in allowed:
-            continue
-        lo, hi = starts[r], ends[r]
-        partners = dst[lo:hi]
-        kept = dup_of[partners] == -1
-        if kept.any():
-            first = lo + int(np.argmax(kept))
-            dup_of[row], kind[row], similarity[row] = dst[first], k[first], s[first]
-    return Decisions(dup_of, kind, similarity)

@@ -1,0 +1,71 @@
+"""``curate demo``: the offline sample world, the demo pipeline run against it, and how its results compare
+with the planted ground truth (see :mod:`curate.demo`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from curate.cli.options import err, out
+
+__all__ = ["demo"]
+
+
+def demo(
+    output: Annotated[str, typer.Option(help="Where the world and the run go.")] = "demo-output",
+    size: Annotated[int, typer.Option(help="Rows in the generated world.")] = 2000,
+    executor: Annotated[str | None, typer.Option(help="local or ray (default: the demo pipeline's).")] = None,
+    clip: Annotated[
+        str | None,
+        typer.Option(
+            help="A CLIP folder (open_clip hub layout + curate_calibration.json) to use instead of training one."
+        ),
+    ] = None,
+    train_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Steps of the curated-vs-raw training comparison (0 skips it; default: the config's)."
+        ),
+    ] = None,
+) -> None:
+    """Build the offline sample world, serve it on 127.0.0.1 and run pipelines/demo.yaml against it."""
+    from curate.demo.run import run_demo
+
+    summary, truth = run_demo(output, size, executor, err, clip=clip, train_steps=train_steps)
+    out.print(f"shards: {output}/run/shards  (WebDataset tars, parquet sidecars, stats)")
+    out.print(f"summary: curate status {output}/run   ground truth: {output}/world/truth.parquet")
+    out.print(
+        f"download statuses match the planted ground truth for {truth['agree']:,}/{truth['checked']:,} fetched rows"
+    )
+    for what, n in sorted(truth["differ"].items()):
+        out.print(f"  [yellow]{n:,} x {what}")
+    scores = truth.get("scores", {})
+    out.print(
+        f"scored rows: {scores.get('scored', 0):,} (clip_score by the demo CLIP: small, trained on this world only)"
+    )
+    for key, label in (
+        ("mismatched_caption", "mismatched captions removed by clip_score"),
+        ("text_overlay", "text overlays found by text_area"),
+    ):
+        if key in scores:
+            s = scores[key]
+            out.print(
+                f"{label} (threshold {s['threshold']:g}): precision {s['precision']:.3f}, recall {s['recall']:.3f} "
+                f"({s['correct']} of {s['flagged']} flagged, {s['actual']} planted)"
+            )
+    if "nsfw" in scores:
+        n = scores["nsfw"]
+        out.print(
+            f"nsfw_score >= {n['threshold']:g}: {n['flagged']} of {n['scored']} rows (the world has no NSFW images)"
+        )
+    d = truth.get("dedup")
+    if d:
+        kinds = ", ".join(f"{n} {k}" for k, n in d["by_kind"].items()) or "none"
+        out.print(
+            f"duplicates removed by dedup: precision {d['precision']:.3f}, recall {d['recall']:.3f} "
+            f"({d['correct']} of {d['flagged']} flagged, {d['actual']} planted; by kind: {kinds})"
+        )
+        planted = ", ".join(f"{k} {f}/{n}" for k, (f, n) in d["planted_found"].items())
+        out.print(f"  planted copies found, by how they were made: {planted}")
+    raise typer.Exit(summary.exit_code)

@@ -1,0 +1,83 @@
+"""Training on curated shards and generating from the result: ``curate train`` and ``generate``
+(see :mod:`curate.train`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from curate.base import ConfigError
+from curate.cli.options import SetOpt, out
+
+__all__ = ["generate", "train_"]
+
+
+def train_(
+    config: Annotated[str, typer.Argument(help="The training YAML (see pipelines/train_demo.yaml).")],
+    sets: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a text-to-image diffusion model on curated shards; running it again resumes from the latest
+    checkpoint. Multi-GPU / multi-node: launch with torchrun (or srun under Slurm)."""
+    from curate.base import TrainError
+    from curate.train.config import load_train_config
+    from curate.train.trainer import train
+
+    cfg = load_train_config(config, sets)
+    say = lambda line: out.print(line, markup=False, highlight=False)  # noqa: E731
+    scorers = {}
+    if cfg.validation.adherence:  # the sample world's analyser, which the trainer itself does not know
+        from curate.demo.adherence import adherence_of
+
+        scorers["adherence"] = adherence_of
+    try:
+        summary = train(cfg, say=say, progress=not quiet, prompt_scorers=scorers)
+    except TrainError as e:
+        raise ConfigError(str(e), config, "training") from None
+    out.print(
+        f"trained {summary['steps']} steps in {summary['seconds']:.0f}s; checkpoints in {cfg.output}/checkpoints"
+    )
+
+
+def generate(
+    checkpoint: Annotated[str, typer.Option(help="A checkpoint folder, or a training output (its latest).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")],
+    output: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs.")] = "generated",
+    guidance: Annotated[float, typer.Option(help="Text guidance scale.")] = 3.0,
+    rag: Annotated[
+        str | None, typer.Option(help="A curate index: condition on retrieved neighbours.")
+    ] = None,
+    k: Annotated[int | None, typer.Option("-k", help="Neighbours per prompt (the model's k).")] = None,
+    rag_guidance: Annotated[float, typer.Option(help="Retrieval guidance scale.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    sampler: Annotated[str, typer.Option(help="ddim or dpm.")] = "ddim",
+    n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Generate images from a trained checkpoint, optionally with retrieval augmentation (--rag INDEX)."""
+    from curate.train.generate import generate as run_generate
+
+    if sampler not in ("ddim", "dpm"):
+        raise ConfigError([("--sampler", f"{sampler!r}: use ddim or dpm")])
+    try:
+        result = run_generate(
+            checkpoint,
+            prompt,
+            out=output,
+            rag=rag,
+            k=k,
+            guidance=guidance,
+            rag_guidance=rag_guidance,
+            steps=steps,
+            sampler=sampler,
+            seed=seed,
+            device=device,
+            images_per_prompt=n,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    for path in result["paths"]:
+        out.print(path)
+    out.print(f"{len(result['paths'])} image(s) from {result['checkpoint']} (step {result['step']})")
