@@ -201,10 +201,13 @@ def histogram(
     parts.append(f"<line x1='{pad}' y1='{base}' x2='{width - pad}' y2='{base}' stroke='#888'/>")
     for k, (value, rule) in enumerate(thresholds):
         tx = x(float(value))
+        # Right of the line, or left of it in the right half, so the rule never runs off the plot.
+        right = tx > width / 2
+        anchor = " text-anchor='end'" if right else ""
         parts += [
             f"<line class='threshold' x1='{tx:.1f}' y1='{legend_h + 4}' x2='{tx:.1f}' y2='{base}' stroke='#000' "
             "stroke-dasharray='4 2'/>",
-            f"<text x='{tx + 3:.1f}' y='{legend_h + 16 + 13 * k}'>{escape(rule)}</text>",
+            f"<text x='{tx - 3 if right else tx + 3:.1f}' y='{legend_h + 16 + 13 * k}'{anchor}>{escape(rule)}</text>",
         ]
     parts += [
         f"<text x='{pad}' y='{height - 8}'>{lo:.4g}</text>",
