@@ -27,7 +27,8 @@ from raycluster import CURATE, Cluster, cluster_env
 from support.data import make_input
 
 from curate.core.config import load_config
-from curate.core.runner import collect_output, run_pipeline
+from curate.core.output import collect_output
+from curate.core.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 

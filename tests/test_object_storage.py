@@ -19,7 +19,8 @@ pytest.importorskip("moto.server", reason="pip install -e '.[dev]' (moto[server]
 
 from curate.base import TrainDataError
 from curate.core.config import load_config
-from curate.core.runner import collect_output, run_pipeline
+from curate.core.output import collect_output
+from curate.core.runner import run_pipeline
 from curate.core.storage import TMP_MARK, filesystem, write_atomic
 from curate.train.data import find_shards
 

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from curate.core.config import PipelineConfig, canonical_json
-from curate.core.output import OutputFolder, RunSummary, collect_output, driver_alive, driver_identity
+from curate.core.output import OutputFolder, RunSummary, collect_output, driver_identity
 from curate.core.pipeline import PhaseShards, Pipeline, ShardResult
 from curate.core.progress import RunProgress, stage_table, summary_table
 from curate.core.reader import InputReader, ShardSpec
@@ -29,9 +29,7 @@ from curate.core.storage import write_json_atomic
 from curate.executors import make_executor
 from curate.models.manage import check_weights
 
-# RunSummary, collect_output and driver_alive live in curate.core.output (the folder's numbers and its
-# run.json); they are named here too for callers that import them from the runner.
-__all__ = ["RunSummary", "collect_output", "driver_alive", "run_fingerprint", "run_pipeline"]
+__all__ = ["run_fingerprint", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,6 @@ from curate.index.query import Neighbor, Retriever, image_mime
 from curate.index.runs import RunRows, read_run
 from curate.index.store import describe_index, read_info
 
-# The name curate.tools.takedown imports; read_info in new code.
-_read_json = read_info
-
 __all__ = [
     "Neighbor",
     "Retriever",

@@ -194,9 +194,9 @@ def _plan(run: OutputFolder, request: dict[str, Any], index: Path | None) -> dic
     }
     plan["already_taken_down"] = sorted(already)
     if index is not None and (index / "index.json").exists():
-        from curate.index import _read_json
+        from curate.index.store import read_info
 
-        info = _read_json(index)
+        info = read_info(index)
         present = set()
         for p in info["parts"]:
             present |= set(pq.read_table(index / p["metadata"], columns=["uid"])["uid"].to_pylist()) & found
