@@ -152,6 +152,162 @@ def test_semantic_pairs_with_clusters_find_the_planted_pairs_and_nothing_below_t
         assert np.array_equal(again.a, pairs.a) and np.array_equal(again.b, pairs.b)
 
 
+# --- the torch backend: forced onto the CPU here, the same code on CUDA ----------------------------------
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one CPU thread: these tests run many small matrix products, which a busy 2-core machine runs
+    many times slower on two threads."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+def _topic_vectors(
+    n: int, copies: int, topics: int = 30, dim: int = 64, seed: int = 0
+) -> tuple[np.ndarray, set]:
+    """Unit vectors around ``topics`` centres (cosines ~0.5 within a topic, as CLIP embeddings cluster by
+    subject), and ``copies`` near copies (cosine ~0.98) appended at the end."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, topics, n)] + rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src = rng.choice(n, copies, replace=False)
+    near = x[src] + 0.15 * rng.standard_normal((copies, dim)).astype(np.float32) / np.sqrt(dim)
+    x = np.concatenate([x, near / np.linalg.norm(near, axis=1, keepdims=True)])
+    return x, {(int(s), n + k) for k, s in enumerate(src)}
+
+
+def _by_pair(p: Pairs) -> dict[tuple[int, int], float]:
+    return dict(zip(zip(p.a.tolist(), p.b.tolist(), strict=True), p.similarity.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.3])
+def test_torch_within_finds_the_same_pairs_as_numpy_within_for_the_same_clusters(threshold, torch_one_thread):
+    torch = torch_one_thread
+    from curate.kit.duplicates.semantic import _cluster_groups, _TorchVectors, _within, _within_torch
+
+    x, _ = _planted_vectors(3000, 200, seed=3)
+    x16 = x.astype(np.float16)
+    # Given centroids: each vector a member of its nearest of 12 and a guest of the second nearest.
+    centroids = np.random.default_rng(4).standard_normal((12, x.shape[1])).astype(np.float32)
+    assign = np.argsort(-(x16.astype(np.float32) @ centroids.T), axis=1)[:, :2]
+    groups = _cluster_groups(assign)
+    assert len(groups) == 12 and max(len(m) for m, _ in groups) > 64  # several blocks per cluster
+    # Rows uploaded per cluster, and all rows on the device.
+    sources = [_TorchVectors(x16, torch.device("cpu"), budget, batch=1000) for budget in (0, 1 << 40)]
+    assert [s.resident is not None for s in sources] == [False, True]
+    total = 0
+    for members, guests in groups:
+        want = _by_pair(_within(x16, members, guests, threshold, block=64))
+        for source in sources:
+            got = _by_pair(_within_torch(source, members, guests, threshold, block=64))
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=1e-6)
+        total += len(want)
+    assert total > (100 if threshold > 0.5 else 10_000)
+
+
+def test_torch_backend_finds_the_planted_pairs_and_nothing_below_threshold(torch_one_thread):
+    x, planted = _topic_vectors(6000, 300)
+    exact = _exact_pairs(x, 0.9)
+    clear = {(a, b) for a, b in planted if float(x[a] @ x[b]) > 0.9 + 0.02}
+    assert len(clear) == len(planted)
+    rows = np.arange(len(x)) * 3 + 7  # row numbers are not positions
+    runs = [
+        semantic_pairs(
+            x, rows, 0.9, clusters=40, seed=0, backend="torch", torch_device="cpu", device_budget=budget
+        )
+        for budget in (0, 1 << 40)
+    ]
+    for pairs in runs:
+        got = {((a - 7) // 3, (b - 7) // 3) for a, b in zip(pairs.a.tolist(), pairs.b.tolist(), strict=True)}
+        assert clear <= got <= exact
+        assert (pairs.kind == KIND_SEMANTIC).all() and (pairs.a < pairs.b).all()
+        sims = np.einsum("ij,ij->i", x[(pairs.a - 7) // 3], x[(pairs.b - 7) // 3])
+        np.testing.assert_allclose(pairs.similarity, sims, atol=1e-5)
+    # Where the vectors live changes nothing, and the same call gives the same pairs.
+    assert all(np.array_equal(getattr(runs[0], f), getattr(runs[1], f)) for f in ("a", "b", "similarity"))
+
+
+def test_torch_backend_with_one_cluster_is_the_exact_search(torch_one_thread):
+    x, _ = _planted_vectors(3000, 150)
+    x16 = x.astype(np.float16)
+    pairs = semantic_pairs(x16, np.arange(len(x)), 0.9, clusters=1, backend="torch", torch_device="cpu")
+    assert set(zip(pairs.a.tolist(), pairs.b.tolist(), strict=True)) == _exact_pairs(
+        x16.astype(np.float32), 0.9
+    )
+    with pytest.raises(ValueError, match="FAISS only"):
+        semantic_pairs(x16, np.arange(len(x)), 0.9, method="range", backend="torch", torch_device="cpu")
+
+
+@pytest.mark.parametrize(
+    "torch_gpu,faiss_gpus,device,method,want",
+    [
+        (False, 0, "auto", "semdedup", "faiss-cpu"),
+        (False, 0, "cpu", "semdedup", "faiss-cpu"),
+        (False, 0, "cuda", "semdedup", "neither sees one"),
+        (False, 1, "auto", "semdedup", "faiss-gpu"),
+        (False, 1, "cuda", "semdedup", "faiss-gpu"),
+        (True, 1, "auto", "semdedup", "torch-cuda"),
+        (True, 0, "cuda", "semdedup", "torch-cuda"),
+        (True, 1, "cpu", "semdedup", "faiss-cpu"),
+        (True, 1, "auto", "range", "faiss-cpu"),
+        (True, 1, "cuda", "range", "runs on the CPU"),
+    ],
+)
+def test_device_chooses_the_backend(monkeypatch, torch_gpu, faiss_gpus, device, method, want):
+    """What torch and FAISS see decides; patched at the libraries, so the checks themselves are tested."""
+    torch = pytest.importorskip("torch")
+    faiss = pytest.importorskip("faiss")
+    from curate.kit.duplicates.semantic import choose_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: torch_gpu)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: faiss_gpus, raising=False)
+    if want.endswith(("one", "CPU")):
+        with pytest.raises(RuntimeError, match=want):
+            choose_backend(device, method)
+    else:
+        assert choose_backend(device, method).label == want
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_gpu(), reason="the choices of a machine without a GPU")
+def test_the_stage_records_its_backend_and_refuses_cuda_without_a_gpu(tmp_path, cli):
+    _planted_input(tmp_path / "in.parquet")
+    semantic = {"threshold": 0.95, "clusters": 4}
+    for name, device in (("auto", "auto"), ("cpu", "cpu")):
+        stages = [
+            PLANTED,
+            {
+                "stage": "dedup",
+                "exact": False,
+                "perceptual": False,
+                "semantic": {**semantic, "device": device},
+            },
+        ]
+        out = _run(cli, tmp_path, name, stages)
+        summary = json.loads((out / "dedup" / "dedup.json").read_text())
+        assert summary["semantic_backend"] == "faiss-cpu" and summary["counts"]["semantic"] == 36, name
+    stages = [PLANTED, {"stage": "dedup", "semantic": {**semantic, "device": "cuda"}}]
+    p = write_pipeline(
+        tmp_path / "cuda.yaml", tmp_path / "in.parquet", tmp_path / "cuda", stages, shard_size=40
+    )
+    r = cli("run", p, "-q")
+    assert r.code == 2 and "semantic.device" in r.err and "neither sees one" in r.err
+
+
 # --- decisions ----------------------------------------------------------------------------------------
 
 
