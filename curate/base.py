@@ -1,5 +1,5 @@
-"""The types every layer shares: the base of every config model, per-stage resource overrides, and every
-error class of curate. Imports nothing of curate, so the YAML module, the stages, the models, the tools and the
+"""The types every layer shares: the base of every config model, per-stage resource overrides, memory sizes,
+and every error class of curate. Imports nothing of curate, so the YAML module, the stages, the models, the tools and the
 trainer all use them without an import cycle.
 
 How the CLI treats them: :class:`ConfigError` and the ``InputError`` family exit with code 2 and a message that
@@ -8,12 +8,18 @@ says what to change; :class:`ModelNotFound` names ``curate models fetch``; :clas
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "GIB",
+    "MIB",
     "ConfigError",
     "HashListError",
     "InputError",
+    "MemoryNeed",
     "ModelNotFound",
     "Resources",
     "RetrievalIndexError",
@@ -21,6 +27,8 @@ __all__ = [
     "TakedownError",
     "TrainDataError",
     "TrainError",
+    "fmt_bytes",
+    "parse_bytes",
 ]
 
 
@@ -37,6 +45,16 @@ class Resources(StrictModel):
     gpus: float | None = Field(None, ge=0)
     concurrency: int | tuple[int, int] | None = Field(None, description="actors: a size or (min, max)")
     batch_size: int | None = Field(None, gt=0)
+    memory: int | None = Field(
+        None,
+        gt=0,
+        description="host memory one worker needs (8GB, 8GiB or bytes); default: the plan's estimate",
+    )
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        return parse_bytes(v) if isinstance(v, str) else v
 
     @field_validator("concurrency")
     @classmethod
@@ -45,6 +63,46 @@ class Resources(StrictModel):
         if low < 1 or high < low:
             raise ValueError(f"concurrency must be a size >= 1 or [min, max] with 1 <= min <= max, got {v}")
         return v
+
+
+# --- memory sizes ------------------------------------------------------------------------------------
+
+GIB = 1 << 30
+MIB = 1 << 20
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6}
+_UNITS |= {"g": 10**9, "t": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_UNITS |= {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """``48GB`` (decimal), ``48GiB`` or ``48Gi`` (binary, as Kubernetes writes it), or a number of bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size: write e.g. 48GB, 48GiB or 51539607552")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: int | float) -> str:
+    """GiB with one decimal from a GiB up, else MiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes of host memory and of GPU memory one worker needs at its peak, and what they are made of."""
+
+    host: int
+    gpu: int = 0
+    parts: tuple[str, ...] = field(default=())
+
+    def __add__(self, other: MemoryNeed) -> MemoryNeed:
+        return MemoryNeed(self.host + other.host, self.gpu + other.gpu, self.parts + other.parts)
+
+    def describe(self) -> str:
+        gpu = f" + {fmt_bytes(self.gpu)} GPU" if self.gpu else ""
+        return f"{fmt_bytes(self.host)} host{gpu}"
 
 
 # --- errors ------------------------------------------------------------------------------------------

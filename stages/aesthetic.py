@@ -11,10 +11,13 @@ null. A score is data: this stage never drops a row; the ``filter`` stage does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 from pydantic import model_validator
 
+from curate.base import MemoryNeed
 from curate.core.schema import Column
 from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.clip_heads import (
@@ -22,6 +25,8 @@ from curate.kit.clip_heads import (
     ClipHeadScorer,
     check_default_head,
     clip_head_weights,
+    head_memory,
+    head_resources,
     require,
 )
 from curate.kit.image_batches import scatter
@@ -48,13 +53,19 @@ class Aesthetic(Stage):
     )
     reads = ("image", "status", "drop_reason")  # and image_embedding, clip_model where the shard has them
     writes = ("aesthetic_score",)
-    resources = StageResources(cpus=1, uses_model=True)
+    resources = StageResources(cpus=1, uses_model=True, gpus_if_any=0.25)
 
     config: AestheticConfig
 
     def __init__(self, config: AestheticConfig | None = None):
         super().__init__(config)
         require("aesthetic", "torch", "open_clip", "safetensors")
+
+    def resources_after(self, upstream: Sequence[Stage]) -> StageResources:
+        return head_resources(self.config, upstream)
+
+    def memory(self, device: str, upstream: Sequence[Stage] = ()) -> MemoryNeed:
+        return head_memory(self.config, device, upstream)
 
     def weights(self) -> list[WeightsSpec]:
         from curate.models.heads import AESTHETIC_HEADS

@@ -10,12 +10,13 @@ the row. A score is data: this stage never drops a row; the ``filter`` stage doe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.base import StrictModel
+from curate.base import MemoryNeed, StrictModel
 from curate.core.schema import Column
 from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.image_batches import iter_batches, rows_to_score, scatter
@@ -59,9 +60,15 @@ class ClipScore(Stage):
         ),
     )
     reads = ("image", "caption", "status", "drop_reason")
-    resources = StageResources(cpus=1, uses_model=True)
+    resources = StageResources(cpus=1, uses_model=True, gpus_if_any=0.25)
 
     config: ClipScoreConfig
+
+    def memory(self, device: str, upstream: Sequence[Stage] = ()) -> MemoryNeed:
+        from curate.models.clip import clip_memory
+
+        c = self.config
+        return clip_memory(c.model, c.pretrained, device, c.batch_size, c.precision)
 
     @property
     def writes(self) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
-from curate.base import StrictModel
+from curate.base import ConfigError, StrictModel
 from curate.core.output import OutputFolder
 from curate.core.schema import COLUMNS, Column, is_kept
 from curate.core.stage import GlobalStage, ShardSource, StageResources, drop, set_column
@@ -46,8 +46,8 @@ from curate.kit.duplicates import (
     perceptual_pairs,
     resolve,
     semantic_pairs,
-    use_gpu,
 )
+from curate.kit.duplicates.semantic import SemanticBackend, choose_backend
 from curate.kit.hashing import hamming, hex_to_uint64
 
 DECISIONS = "decisions.parquet"
@@ -102,9 +102,14 @@ class SemanticConfig(StrictModel):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: FAISS on a GPU when faiss-gpu sees one"
+        "auto",
+        description="auto: semdedup in torch on a GPU when torch sees one, else FAISS with its k-means on a "
+        "GPU when faiss-gpu sees one, else FAISS on the CPU; cpu: FAISS on the CPU; cuda: as auto, but an "
+        "error without a GPU. range always runs on the CPU (FAISS), and is an error with cuda",
     )
-    threads: int | None = Field(None, gt=0, description="FAISS and per-cluster threads (default: all cores)")
+    threads: int | None = Field(
+        None, gt=0, description="FAISS and per-cluster threads on the CPU (default: all cores)"
+    )
 
 
 class DecontaminateConfig(StrictModel):
@@ -194,6 +199,14 @@ class Dedup(GlobalStage):
     resources = StageResources(cpus=1)
 
     config: DedupConfig
+
+    def fit_gpus(self) -> float:
+        """Semantic dedup's k-means, assignment and per-cluster similarities run on a GPU where there is one
+        (``semantic.device`` auto or cuda; the range method is FAISS on CPUs)."""
+        s = self.config.semantic
+        if s is None or not s.enabled or s.device == "cpu" or s.method != "semdedup":
+            return 0.0
+        return 1.0
 
     @property
     def keep_columns(self) -> list[tuple[str, bool]]:
@@ -298,13 +311,16 @@ class Dedup(GlobalStage):
                 parts.append(pairs)
                 counts["perceptual_pairs"] = len(pairs)
                 timings["perceptual"] = time.perf_counter() - clock
+            semantic_backend = None
             if c.semantic.enabled:
                 clock = time.perf_counter()
                 s = c.semantic
                 vec_heads = heads[rows.has_vector[heads]]
+                backend = _semantic_backend(s) if rows.vectors is not None else None
+                semantic_backend = backend.label if backend else None
                 pairs = (
                     Pairs.empty()
-                    if rows.vectors is None
+                    if backend is None
                     else semantic_pairs(
                         rows.vectors_of(vec_heads),
                         vec_heads,
@@ -316,8 +332,10 @@ class Dedup(GlobalStage):
                         nprobe=s.nprobe,
                         spill=s.spill,
                         seed=s.seed,
-                        gpu=use_gpu(s.device),
+                        gpu=backend.faiss_gpu,
                         threads=s.threads,
+                        backend=backend.backend,
+                        torch_device=backend.device,
                     )
                 )
                 parts.append(pairs)
@@ -368,6 +386,8 @@ class Dedup(GlobalStage):
                 "config": c.model_dump(mode="json"),
                 "counts": counts,
                 "seconds": {k: round(v, 3) for k, v in timings.items()},
+                # Where semantic dedup ran (torch-cuda, faiss-gpu, faiss-cpu); null when it did not.
+                "semantic_backend": semantic_backend,
                 "vectors": int(rows.has_vector.sum()) if rows.vectors is not None else 0,
                 "dimension": int(rows.vectors.shape[1]) if rows.vectors is not None else None,
             }
@@ -419,6 +439,14 @@ class Dedup(GlobalStage):
         for name in ("dup_of", "dup_kind", "dup_similarity", "contaminated_by"):
             table = set_column(table, name, columns[name])
         return table
+
+
+def _semantic_backend(s: SemanticConfig) -> SemanticBackend:
+    """Where semantic dedup runs on this machine; a device it lacks is a config error (exit code 2)."""
+    try:
+        return choose_backend(s.device, s.method)
+    except RuntimeError as e:
+        raise ConfigError([(f"{Dedup.name}.semantic.device", str(e))]) from e
 
 
 # --- reading every shard --------------------------------------------------------------------------

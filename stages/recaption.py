@@ -12,14 +12,16 @@ see :mod:`curate.models.vlm`) and ``vllm`` (optional extra ``curate[vllm]``, NVI
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from curate.core.schema import Column
-from curate.core.stage import StageResources, set_column
+from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.captions import clean_vlm_caption
 from curate.kit.hub_model_stage import HubModelConfig, HubModelStage
 from curate.kit.image_batches import iter_batches, rows_to_score, scatter
@@ -57,7 +59,20 @@ class Recaption(HubModelStage):
     )
     reads = ("image", "status", "drop_reason")
     writes = ("caption_vlm", "caption_vlm_model")
-    resources = StageResources(cpus=1, uses_model=True)
+    resources = StageResources(cpus=1, uses_model=True, gpus_if_any=0.5)
+
+    def prompt_tokens(self, upstream: Sequence[Stage]) -> tuple[int, int]:
+        """The instruction, and the image's tokens: Qwen2-VL gives a 28x28 px patch one token, so an image
+        of the download stage's size (512 px where no earlier stage says) is (side / 28)^2 of them."""
+        side = next(
+            (getattr(s.config, "image_size", None) for s in upstream if getattr(s, "name", "") == "download"),
+            None,
+        )
+        side = side or 512
+        config, _ = self.model_config()
+        if (config or {}).get("model_type", "") in ("qwen2_vl", "qwen2_5_vl"):
+            return 48, math.ceil(side / 28) ** 2
+        return 48, 0
 
     config: RecaptionConfig
 

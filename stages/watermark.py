@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.base import ConfigError, StrictModel
+from curate.base import MIB, ConfigError, MemoryNeed, StrictModel
 from curate.core.schema import Column
 from curate.core.stage import Stage, StageResources, set_column
 from curate.kit.image_batches import iter_batches, rows_to_score, scatter
@@ -38,6 +39,10 @@ _NEEDS = {
     "text": ("rapidocr_onnxruntime", "onnxruntime", "cv2"),
     "ai_watermark": ("cv2",),
 }
+
+
+# RapidOCR's detector at a 960 px long side: its model and working set, host memory.
+OCR_WORKING = 400 * MIB
 
 
 class WatermarkConfig(StrictModel):
@@ -85,9 +90,31 @@ class Watermark(Stage):
         ),
     )
     reads = ("image", "status", "drop_reason")
-    resources = StageResources(cpus=1, uses_model=True)
+    resources = StageResources(cpus=1, uses_model=True, gpus_if_any=0.25)
 
     config: WatermarkConfig
+
+    def resources_after(self, upstream: Sequence[Stage]) -> StageResources:
+        # Only LAION's detector runs on a GPU; text detection and the invisible mark run on CPUs.
+        return self.resources if self.config.laion else StageResources(cpus=1, uses_model=True)
+
+    def memory(self, device: str, upstream: Sequence[Stage] = ()) -> MemoryNeed:
+        from curate.models.footprint import PROCESS_BASE, image_model_need, timm_params
+
+        c = self.config
+        need = MemoryNeed(PROCESS_BASE)
+        if c.laion:
+            # LAION's head on the backbone's features: 1536-625-256-2.
+            params = timm_params(c.laion_arch) + 1536 * 625 + 625 * 256 + 256 * 2
+            need = image_model_need(
+                params, device, c.batch_size, kind="cnn", precision=c.precision, name=c.laion_arch
+            )
+        if c.text:
+            # RapidOCR's detector in onnxruntime, at up to text_max_side px (measured: benchmarks/stage_memory.py).
+            need = need + MemoryNeed(
+                int(OCR_WORKING * (c.text_max_side / 960) ** 2), 0, ("RapidOCR text detector",)
+            )
+        return need
 
     def __init__(self, config: WatermarkConfig | None = None):
         super().__init__(config)

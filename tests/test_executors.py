@@ -119,3 +119,42 @@ def test_ray_reports_a_shard_that_keeps_failing(tmp_path, ray_cluster):
 
     limits = DataContext.get_current().execution_options.resource_limits
     assert limits.object_store_memory != 64 << 20  # the caller's settings are restored
+
+
+def test_a_fit_that_uses_gpus_runs_as_a_ray_task_where_the_gpus_are(tmp_path, ray_cluster):
+    """Semantic dedup's fit asks for a GPU where the cluster has one: the driver's machine may have none, so
+    it runs as a Ray task there. The task reads the shards and writes the decision as the driver would."""
+    from curate.core.pipeline import BoundStage, PhaseShards, Pipeline
+    from curate.executors.plan import Cluster
+    from curate.executors.ray import RayExecutor, fit_options
+
+    make_input(tmp_path / "in.parquet", 300)
+    stages = [{"stage": "caption_chars"}, {"stage": "keep_longest", "keep": 25}]
+    p = write_pipeline(tmp_path / "p.yaml", tmp_path / "in.parquet", tmp_path / "out", stages)
+    assert run(p, "executor.kind=ray").exit_code == 0
+    pipeline = Pipeline(load_config(p, []))
+    bound = pipeline.stages[1]
+    local_state = tmp_path / "out" / "global" / "keep_longest" / "keep.json"
+    expected = json.loads(local_state.read_text())
+    local_state.unlink()
+    # The run removed its phase files; make them again for the fit.
+    job = pipeline.job(0)
+    ids = [s.id for s in pipeline.reader.plan(pipeline.config.shard_size)]
+    for spec in pipeline.reader.plan(pipeline.config.shard_size):
+        job.process(spec)
+    shards = PhaseShards(str(tmp_path / "out"), job.sink_dir, ids)
+    RayExecutor.fit_remote(bound, shards, {"num_cpus": 1})
+    assert json.loads(local_state.read_text()) == expected
+
+    dedup = BoundStage("dedup", _dedup(semantic=True), bound.resources)
+    with_gpus, without = Cluster.uniform(2, 8, 4), Cluster.uniform(2, 8, 0)
+    assert fit_options(dedup, with_gpus) == {"num_gpus": 1.0, "num_cpus": 1}
+    assert fit_options(dedup, without) is None  # FAISS on the driver's CPUs
+    assert fit_options(BoundStage("d", _dedup(semantic=False), bound.resources), with_gpus) is None
+    assert fit_options(bound, with_gpus) is None  # a fit without GPUs stays in the driver
+
+
+def _dedup(semantic: bool):
+    from curate.stages.dedup import Dedup, DedupConfig
+
+    return Dedup(DedupConfig(semantic=semantic))

@@ -60,47 +60,79 @@ def validate(pipeline: PipelineArg, sets: SetOpt = None) -> None:
     later = [m for m in models if not m.present]
     for m in later:
         out.print(f"  {m.stage}: {m.spec.name} is not in the model directory; the run will download it")
+    for m in models:
+        if m.stand_in:
+            out.print(
+                f"  [yellow]{m.stage}: {m.spec.name} is a stand-in (random weights): its outputs mean nothing; "
+                "`curate models fetch` replaces it[/yellow]"
+            )
+    fits = _check_fit(config, p)
     out.print(
         f"[green]ok[/green]: {config.name}: {len(config.stages)} stage(s), {len(p.reader.files)} input file(s), "
         f"{sum(s.rows for s in specs):,} rows in {len(specs)} shard(s), {len(models)} model(s) "
-        f"({len(models) - len(later)} here)"
+        f"({len(models) - len(later)} here); {fits}"
     )
+
+
+def _check_fit(config, p) -> str:
+    """Whether the plan fits where it will run, as far as that is known before the run: the local executor
+    on this machine. A Ray run's cluster is known when it starts (the run checks it then, before any work);
+    `curate describe --nodes --cpus --gpus --memory` checks a plan for a cluster beforehand. Raises
+    ConfigError (exit 2) when it does not fit."""
+    from curate.executors.local import this_machine
+    from curate.executors.plan import local_plan
+
+    if config.executor.kind == "ray":
+        return "the Ray plan is checked against the cluster when the run starts (curate describe plans ahead)"
+    plan = local_plan(p.phases(), this_machine())
+    for note in plan.notes:
+        out.print(f"  {note}", highlight=False)
+    return f"fits {plan.cluster.describe()}"
 
 
 def describe(
     pipeline: PipelineArg,
     sets: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    nodes: Annotated[int, typer.Option(help="Nodes of the Ray cluster to plan for, each as below.")] = 1,
     cpus: Annotated[
         float | None,
-        typer.Option(help="CPUs of the Ray cluster to plan for (default: executor.num_cpus or here)."),
+        typer.Option(help="CPUs per node (default: executor.num_cpus, else this machine's)."),
     ] = None,
     gpus: Annotated[
         float | None,
-        typer.Option(help="GPUs of the Ray cluster to plan for (default: executor.num_gpus or 0)."),
+        typer.Option(help="GPUs per node (default: executor.num_gpus, else this machine's)."),
+    ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(help="Memory per node, e.g. 48GB or 48GiB (Ray gives workers about 70% of it)."),
+    ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option("--gpu-memory", help="Memory of each GPU, e.g. 80GB.")
     ] = None,
 ) -> None:
-    """Show the plan: stages, the columns each reads and writes, resources, phases, shards, and the Ray
-    operators (task groups, actor pools and their sizes) on a cluster of --cpus and --gpus."""
-    import os
-
+    """Show the plan: stages, the columns each reads and writes, and on a cluster of --nodes nodes of --cpus,
+    --gpus and --memory each: the device each stage runs on, its GPU share, actors, memory per actor and in
+    all, and the Ray operators. Exit code 2 when the pipeline cannot fit that cluster."""
     from curate.core.pipeline import Pipeline
-    from curate.executors.plan import plan
+    from curate.executors.plan import make_plan
 
     config = load_pipeline(pipeline, sets)
     p = Pipeline(config)
     columns = p.check()
     stages = p.describe()
-    total_cpus = cpus if cpus is not None else config.executor.num_cpus or os.cpu_count() or 1
-    total_gpus = gpus if gpus is not None else config.executor.num_gpus or 0
-    ray_plan = [[op.to_dict() for op in plan(phase, total_cpus, total_gpus)] for phase in p.phases()]
+    cluster = _cluster(config, nodes, cpus, gpus, memory, gpu_memory)
+    the_plan = make_plan(p.phases(), cluster)
     if as_json:
-        cluster = {"cpus": total_cpus, "gpus": total_gpus}
         doc = {
             "name": config.name,
             "stages": stages,
             "columns": columns,
-            "ray": {"cluster": cluster, "phases": ray_plan},
+            "ray": {
+                "cluster": {"cpus": cluster.cpus, "gpus": cluster.gpus},
+                "phases": [[op.to_dict() for op in phase.operators] for phase in the_plan.phases],
+            },
+            "plan": the_plan.to_dict(),
         }
         out.print_json(json.dumps(doc))
         return
@@ -112,6 +144,7 @@ def describe(
     out.print(f"input columns: {', '.join(p.reader.column_names())}")
     for i, s in enumerate(stages):
         res = f"cpus={s['cpus']:g} gpus={s['gpus']:g}"
+        res += f" (where the cluster has GPUs: {s['gpus_if_any']:g})" if s["gpus_if_any"] != s["gpus"] else ""
         res += f" concurrency={s['concurrency']}" if s["concurrency"] else ""
         out.print(
             f"{i:>3} [bold]{s['name']}[/bold] ({s['stage']}, {s['kind']}): runs as {s['runs_as']}, {res}"
@@ -121,11 +154,105 @@ def describe(
     mode, column = config.output.caption_source()
     text = f"column {column!r}" if column else f"train_caption: {mode}"
     out.print(f"output: {config.output.path} (training text: {text})")
-    out.print(f"under Ray, on a cluster of {total_cpus:g} CPUs and {total_gpus:g} GPUs (--cpus, --gpus):")
-    for index, phase in enumerate(p.phases()):
-        out.print(f"  phase {index}:")
-        for op in plan(phase, total_cpus, total_gpus):
+    _print_plan(the_plan)
+
+
+def _cluster(config, nodes: int, cpus, gpus, memory, gpu_memory):
+    """The cluster to plan for: the options, else the executor's settings, else this machine."""
+    from curate.base import parse_bytes
+    from curate.executors.local import this_machine
+    from curate.executors.plan import RAY_TASK_SHARE, Cluster
+
+    try:
+        mem = parse_bytes(memory) if memory else None
+        gpu_mem = parse_bytes(gpu_memory) if gpu_memory else None
+    except ValueError as e:
+        raise ConfigError([("--memory" if memory else "--gpu-memory", str(e))]) from None
+    given = any(v is not None for v in (cpus, gpus, memory)) or nodes > 1
+    here = this_machine(look_for_gpus=gpus is None and config.executor.num_gpus is None)
+    node = here.nodes[0]
+    cpus = cpus if cpus is not None else config.executor.num_cpus or node.cpus
+    gpus = (
+        gpus
+        if gpus is not None
+        else config.executor.num_gpus
+        if config.executor.num_gpus is not None
+        else node.gpus
+    )
+    if mem is not None:
+        mem = int(mem * RAY_TASK_SHARE)
+    elif not given:
+        mem = node.memory
+    if gpu_mem is None and gpus and not given:
+        gpu_mem = node.gpu_memory
+    source = "--nodes, --cpus, --gpus, --memory" if given else "this machine"
+    return Cluster.uniform(nodes, cpus, gpus, mem, gpu_mem, source)
+
+
+def _print_plan(the_plan) -> None:
+    from curate.base import fmt_bytes
+
+    cluster = the_plan.cluster
+    out.print(f"plan on {cluster.describe()}:", highlight=False)
+    rows = [("phase", "stage", "device", "GPU", "workers", "memory/worker", "GPU mem/worker", "memory, all")]
+
+    def size(w) -> str:
+        return f"{w[0]}-{w[1]}" if isinstance(w, tuple) else str(w)
+
+    for index, phase in enumerate(the_plan.phases):
+        for s in phase.stages:
+            if s.need is None:
+                continue
+            need = s.need
+            shared = bool(s.shared_with) or phase.single
+            rows.append(
+                (
+                    str(index),
+                    s.name,
+                    s.device,
+                    f"{s.gpus:g}" if s.gpus else "-",
+                    "in each below" if shared else size(s.workers),
+                    fmt_bytes(need.host),
+                    fmt_bytes(need.gpu) if need.gpu else "-",
+                    "" if shared else fmt_bytes(need.host * s.most_workers),
+                )
+            )
+        if phase.single and phase.operators[0].memory:
+            op = phase.operators[0]
+            rows.append(
+                (
+                    str(index),
+                    "(one worker: the whole phase)",
+                    "cpu",
+                    "-",
+                    size(op.concurrency),
+                    fmt_bytes(op.memory),
+                    "-",
+                    fmt_bytes(op.memory * op.concurrency),
+                )
+            )
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        out.print(
+            "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip(), highlight=False
+        )
+    n_nodes = len(cluster.nodes)
+    for index, phase in enumerate(the_plan.phases):
+        held = sum(
+            (op.memory or 0)
+            * (op.concurrency[1] if isinstance(op.concurrency, tuple) else op.concurrency or 0)
+            for op in phase.operators
+            if op.kind == "actors" or op.reads_writes
+        )
+        room = f" of {fmt_bytes(cluster.memory)}" if cluster.memory else ""
+        per = f", {fmt_bytes(held / n_nodes)} per node" if n_nodes > 1 and held else ""
+        out.print(f"  phase {index}: workers hold up to {fmt_bytes(held)}{room}{per}", highlight=False)
+        for op in phase.operators:
             out.print(f"    {op.describe()}", markup=False, highlight=False)
+    if cluster.memory is None:
+        out.print("  memory not checked: give --memory (per node) to check that the plan fits")
+    for note in the_plan.notes:
+        out.print(f"  note: {note}", highlight=False)
 
 
 def retry(

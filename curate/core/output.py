@@ -478,6 +478,8 @@ def collect_output(path: str | OutputFolder) -> RunSummary:
                 s["seconds"] += t["seconds"]
                 s["rows"] += stats["rows"]
                 s["kept"] += t["kept"]
+                if "peak_rss" in t:
+                    s["peak_rss"] = max(s.get("peak_rss", 0), t["peak_rss"])
         elif name.endswith(FAILED_SUFFIX):
             f = read_json(out.fs, out.file(SHARDS, name))
             failed[f["shard"]] = f.get("error") or ""

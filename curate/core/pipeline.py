@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from curate.base import ConfigError
+from curate.base import ConfigError, MemoryNeed
 from curate.core.config import PipelineConfig
 from curate.core.output import OutputFolder
 from curate.core.reader import InputReader, ShardSpec
@@ -39,6 +39,29 @@ class BoundStage:
     name: str
     stage: Stage
     resources: StageResources
+    upstream: list[Stage] = field(default_factory=list, repr=False)  # the stages before it, for the plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Only the plan, in the driver, looks upstream: a worker gets the stage alone.
+        return {**self.__dict__, "upstream": []}
+
+    def memory(self, device: str) -> MemoryNeed | None:
+        """The stage's estimate on ``device``, or the YAML's ``resources.memory`` for the host."""
+        need = self.stage.memory(device, self.upstream)
+        if self.resources.memory is None:
+            return need
+        gpu = need.gpu if need else 0
+        return MemoryNeed(self.resources.memory, gpu, ("resources.memory (from the pipeline)",))
+
+
+def peak_rss() -> int:
+    """The most memory this process has held so far (bytes): after a stage, in a worker that runs only that
+    stage (a Ray actor), the peak of the stage's actor."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 @dataclass
@@ -57,14 +80,13 @@ class Pipeline:
     def __init__(self, config: PipelineConfig):
         self.config = config
         self.reader = InputReader(config.input)
-        self.stages = [
-            BoundStage(
-                spec.name,
-                STAGES[spec.stage](spec.config),
-                STAGES[spec.stage].resources.merged(spec.resources),
+        self.stages: list[BoundStage] = []
+        for spec in config.stages:
+            stage = STAGES[spec.stage](spec.config)
+            upstream = [b.stage for b in self.stages]
+            self.stages.append(
+                BoundStage(spec.name, stage, stage.resources_after(upstream).merged(spec.resources), upstream)
             )
-            for spec in config.stages
-        ]
         mode, column = config.output.caption_source()
         mix = config.output.caption_mix
         self.writer = ShardWriter(
@@ -159,6 +181,8 @@ class Pipeline:
                     "writes": list(bound.stage.writes),
                     "cpus": r.cpus,
                     "gpus": r.gpus,
+                    "gpus_if_any": r.gpus_if_any,
+                    "memory": r.memory,
                     "runs_as": "actor pool" if r.needs_actor else "tasks",
                     "concurrency": r.concurrency,
                     "batch_size": r.batch_size,
@@ -218,13 +242,19 @@ class PhaseJob:
         for bound in stages:
             start = time.perf_counter()
             table = bound.stage(table)
-            timings[bound.name] = {"seconds": time.perf_counter() - start, "kept": _kept(table)}
+            timings[bound.name] = {
+                "seconds": time.perf_counter() - start,
+                "kept": _kept(table),
+                "peak_rss": peak_rss(),
+            }
         return table
 
     def sink(self, spec: ShardSpec, table: pa.Table, timings: dict[str, Any]) -> dict[str, Any]:
         """Write the shard: the final output in the last phase, else an Arrow file for the next phase."""
         stage_stats = {
-            name: {"seconds": round(t["seconds"], 6), "kept": t["kept"]} for name, t in timings.items()
+            name: {"seconds": round(t["seconds"], 6), "kept": t["kept"]}
+            | ({"peak_rss": t["peak_rss"]} if "peak_rss" in t else {})
+            for name, t in timings.items()
         }
         if self.final:
             return self.writer.write(spec.id, table, {"stages": stage_stats})

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from curate.base import fmt_bytes
 from curate.core.pipeline import ShardResult
 
 
@@ -114,10 +115,13 @@ def summary_table(counts: dict[str, Any]) -> Table:
 
 
 def stage_table(stages: dict[str, dict[str, float]]) -> Table:
+    """Time, rate and rows kept per stage, and the peak memory of the worker that ran it (the process's
+    peak so far: under the local executor it grows from stage to stage)."""
     table = Table(title="stages")
-    for col in ("stage", "seconds", "rows/s", "kept after"):
+    for col in ("stage", "seconds", "rows/s", "kept after", "worker peak"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for name, s in stages.items():
         rate = s["rows"] / s["seconds"] if s["seconds"] > 0 else float("inf")
-        table.add_row(name, f"{s['seconds']:.2f}", f"{rate:,.0f}", f"{int(s['kept']):,}")
+        peak = fmt_bytes(s["peak_rss"]) if s.get("peak_rss") else "-"
+        table.add_row(name, f"{s['seconds']:.2f}", f"{rate:,.1f}", f"{int(s['kept']):,}", peak)
     return table

@@ -27,7 +27,7 @@ from curate.core.progress import RunProgress, stage_table, summary_table
 from curate.core.reader import InputReader, ShardSpec
 from curate.core.storage import write_json_atomic
 from curate.executors import make_executor
-from curate.models.manage import check_weights
+from curate.models.manage import check_weights, stand_in_record
 
 __all__ = ["run_fingerprint", "run_pipeline"]
 
@@ -74,7 +74,30 @@ def run_pipeline(
 
     executor = make_executor(config.executor)
     executor.check()
+    with executor:
+        return _run(
+            pipeline, executor, specs, fingerprint, overwrite, resume_anyway, console, show_progress, start
+        )
 
+
+def _run(
+    pipeline: Pipeline,
+    executor: Any,
+    specs: list[ShardSpec],
+    fingerprint: str,
+    overwrite: bool,
+    resume_anyway: bool,
+    console: Console,
+    show_progress: bool,
+    start: float,
+) -> RunSummary:
+    """The run inside the executor: plan (a plan that cannot fit stops here, before any work), record it in
+    run.json, then every phase."""
+    config = pipeline.config
+    plan = executor.prepare(pipeline.phases())
+    if show_progress:
+        for note in plan.notes:
+            console.print(f"plan: {note}", highlight=False)
     out = OutputFolder(config.output.path)
     previous = out.prepare(fingerprint, overwrite, resume_anyway)
     out.clean_temp()
@@ -92,6 +115,8 @@ def run_pipeline(
         "status": "running",
         "command": " ".join(sys.argv),
         "driver": driver_identity(),
+        "stand_ins": stand_in_record(pipeline),  # models here as random weights: outputs mean nothing
+        "plan": plan.to_dict(),
     }
     if previous and previous.get("fingerprint") != fingerprint:
         info["resumed_from_fingerprint"] = previous.get("fingerprint")
@@ -124,9 +149,9 @@ def run_pipeline(
             )
         progress.update(result)
 
-    with executor, RunProgress(console, show_progress) as progress:
+    with RunProgress(console, show_progress) as progress:
         for job in jobs:
-            if job.index > 0 and not _fit(pipeline, job.index, specs, out, console):
+            if job.index > 0 and not _fit(pipeline, executor, job.index, specs, out, console):
                 break
             todo = [s for s in specs if s.id in needed[job.index]]
             label = "shards" if job.final else f"phase {job.index + 1}/{len(jobs)}"
@@ -186,8 +211,11 @@ def _needed(pipeline: Pipeline, jobs: list, specs: list[ShardSpec], out: OutputF
     return needed
 
 
-def _fit(pipeline: Pipeline, index: int, specs: list[ShardSpec], out: OutputFolder, console: Console) -> bool:
-    """Fit the global stage that opens phase ``index`` on every shard of the phase before, once."""
+def _fit(
+    pipeline: Pipeline, executor: Any, index: int, specs: list[ShardSpec], out: OutputFolder, console: Console
+) -> bool:
+    """Fit the global stage that opens phase ``index`` on every shard of the phase before, once, where the
+    executor puts it (a GPU node, for semantic dedup on a cluster with GPUs)."""
     bound = pipeline.phases()[index][0]
     state, done = out.global_state(bound.name), out.global_done(bound.name)
     if out.fs.exists(done):
@@ -201,6 +229,6 @@ def _fit(pipeline: Pipeline, index: int, specs: list[ShardSpec], out: OutputFold
         out.fs.rm(state, recursive=True)
     out.fs.makedirs(state, exist_ok=True)
     start = time.perf_counter()
-    bound.stage.fit(PhaseShards(pipeline.config.output.path, prev.sink_dir, [s.id for s in specs]))
+    executor.fit(bound, PhaseShards(pipeline.config.output.path, prev.sink_dir, [s.id for s in specs]))
     write_json_atomic(out.fs, done, {"seconds": time.perf_counter() - start, "finished": _now()})
     return True

@@ -25,13 +25,14 @@ stage's ``fit()`` runs without ``setup()``: it writes the state that ``setup()``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.base import Resources, StrictModel
+from curate.base import MemoryNeed, Resources, StrictModel
 from curate.core.schema import COLUMNS, Column, is_kept
 
 __all__ = ["GlobalStage", "NoConfig", "ShardSource", "Stage", "StageResources", "drop", "set_column"]
@@ -44,17 +45,33 @@ class NoConfig(StrictModel):
 @dataclass(frozen=True)
 class StageResources:
     """What one worker of the stage needs. ``uses_model`` stages run as actor pools under Ray, so that
-    ``setup()`` (loading weights) happens once per actor, not once per shard."""
+    ``setup()`` (loading weights) happens once per actor, not once per shard.
+
+    ``gpus`` is asked for on any cluster (a YAML ``resources.gpus``: a cluster without GPUs is then a config
+    error); ``gpus_if_any`` is a model stage's own default, taken only where the cluster has GPUs, so the same
+    pipeline runs on a laptop and on GPU nodes. An explicit ``resources.gpus`` sets both (``gpus: 0`` keeps
+    the stage on CPUs). ``memory`` is the YAML's ``resources.memory`` (host bytes per worker), which wins
+    over the plan's estimate (:meth:`Stage.memory`)."""
 
     cpus: float = 1.0
     gpus: float = 0.0
     concurrency: int | tuple[int, int] | None = None
     batch_size: int | None = None
     uses_model: bool = False
+    gpus_if_any: float = 0.0
+    memory: int | None = None
 
     def merged(self, override: Resources) -> StageResources:
         changes = {k: v for k, v in override.model_dump().items() if v is not None}
+        if "gpus" in changes:
+            changes["gpus_if_any"] = changes["gpus"]
         return replace(self, **changes)
+
+    def on(self, cluster_gpus: float) -> StageResources:
+        """These resources on a cluster with ``cluster_gpus`` GPUs: the default GPU share applies there."""
+        if cluster_gpus > 0 and self.gpus_if_any > 0 and self.gpus == 0:
+            return replace(self, gpus=self.gpus_if_any)
+        return self
 
     @property
     def needs_actor(self) -> bool:
@@ -96,6 +113,18 @@ class Stage:
         state = dict(self.__dict__)
         state.pop("_set_up", None)
         return state
+
+    def memory(self, device: str, upstream: Sequence[Stage] = ()) -> MemoryNeed | None:
+        """What one worker of this stage holds at its peak on ``device`` (``cpu`` or ``cuda``), estimated
+        without loading weights (:mod:`curate.models.footprint`); None for a stage without a model.
+        ``upstream`` are the stages before it in the pipeline (a LAION head reuses clip_score's embeddings
+        and then loads no CLIP of its own)."""
+        return None
+
+    def resources_after(self, upstream: Sequence[Stage]) -> StageResources:
+        """The stage's resources in a pipeline where ``upstream`` run before it: ``resources`` unless the
+        stage needs less when an earlier stage did part of its work."""
+        return self.resources
 
     def weights(self) -> list[Any]:
         """The :class:`curate.models.weights.WeightsSpec` files ``setup()`` will resolve from the model
@@ -141,6 +170,11 @@ class GlobalStage(Stage):
 
     def fit(self, shards: ShardSource) -> None:
         raise NotImplementedError
+
+    def fit_gpus(self) -> float:
+        """GPUs ``fit`` uses where the cluster has them (then the Ray executor runs it as a task holding
+        them, on a node that has them); 0: it runs in the driver's process."""
+        return 0.0
 
 
 def drop(table: pa.Table, mask: pa.Array | pa.ChunkedArray, reason: str | pa.Array) -> pa.Table:

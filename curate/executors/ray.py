@@ -36,7 +36,7 @@ from curate.core.config import ExecutorConfig
 from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
 from curate.executors.base import OnResult
-from curate.executors.plan import actor_pools, actor_sizing, groups, single_operator, single_sizing
+from curate.executors.plan import Cluster, Node, Plan, make_plan, plan_phase
 
 _ROW_SCHEMA = pa.schema(
     [
@@ -198,6 +198,7 @@ class RayExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
         self._started = False
+        self.plan: Plan | None = None
 
     def check(self) -> None:
         """Fail fast on a cluster address nothing listens on: ray.init would wait for minutes."""
@@ -291,36 +292,60 @@ class RayExecutor:
                     on_result(result)
             pending = [by_id[r.shard] for r in failed]
 
-    def _actor_sizing(self, bound: BoundStage, pools: int = 1) -> dict[str, Any]:
-        """Actor pool size and per-actor resources on this cluster (``curate.executors.plan``)."""
+    def prepare(self, phases: list[list[Any]]) -> Plan:
+        """The plan on the Ray cluster as it is now: its nodes' CPUs, GPUs and memory (Ray's ``memory``
+        resource: what tasks and actors may hold), and the GPUs' memory, asked of one GPU."""
+        self.plan = make_plan(phases, ray_cluster())
+        return self.plan
+
+    def fit(self, bound: BoundStage, shards: Any) -> None:
+        """A fit that uses GPUs runs as a Ray task holding them, where the cluster has GPUs (the driver's
+        machine may have none); any other fit runs here, in the driver."""
+        options = fit_options(bound, self.plan.cluster if self.plan else ray_cluster())
+        if options is None:
+            bound.stage.fit(shards)
+        else:
+            self.fit_remote(bound, shards, options)
+
+    @staticmethod
+    def fit_remote(bound: BoundStage, shards: Any, options: dict[str, Any]) -> None:
+        """``bound.stage.fit(shards)`` as a Ray task with ``options``; it reads and writes the run's output
+        folder, which every node sees (a shared file system or object storage, as for every multi-node run)."""
         import ray
 
-        total = ray.cluster_resources()
-        return actor_sizing(bound.resources, total.get("CPU", 1), total.get("GPU", 0), pools, bound.name)
+        options = {**options, "max_retries": 0}
+        if storage_env():
+            options["runtime_env"] = {"env_vars": storage_env()}
+        ray.get(ray.remote(_fit_task).options(**options).remote(bound.stage, shards))
 
     def _run_once(self, job: PhaseJob, specs: list[ShardSpec]) -> Iterator[ShardResult]:
         items = [
             {"shard": json.dumps(s.to_dict()), "data": b"", "timings": "{}", "error": None} for s in specs
         ]
-        if single_operator(job.stages):
-            yield from self._run_whole(job, items)
+        phase = self._phase_plan(job)
+        if phase.single:
+            yield from self._run_whole(job, items, phase.operators[0])
         else:
-            yield from self._run_split(job, items)
+            yield from self._run_split(job, items, phase.operators)
 
-    def _run_whole(self, job: PhaseJob, items: list[dict[str, Any]]) -> Iterator[ShardResult]:
+    def _phase_plan(self, job: PhaseJob) -> Any:
+        if self.plan is not None:
+            return self.plan.phases[job.index]
+        return plan_phase(job.stages, ray_cluster(), job.index)  # run_phase without prepare()
+
+    def _run_whole(self, job: PhaseJob, items: list[dict[str, Any]], op: Any) -> Iterator[ShardResult]:
         """The phase as one operator, on Ray core: ``slots`` tasks (or actors, when a stage has a model) at a
         time, each reading, processing and writing a whole shard. Not Ray Data: its actor pools took about
         4 s more to start per run on a 2-CPU node (benchmarks/RESULTS.md), and nothing here needs its
         blocks, as only the shard's stats come back."""
         import ray
 
-        total = ray.cluster_resources().get("CPU", 1)
-        sizing = single_sizing(job.stages, total)
-        slots = min(sizing["concurrency"], len(items))
-        options: dict[str, Any] = {"num_cpus": sizing["num_cpus"], "scheduling_strategy": "SPREAD"}
+        slots = min(op.concurrency, len(items))
+        options: dict[str, Any] = {**op.ray_options(), "scheduling_strategy": "SPREAD"}
         if storage_env():  # also reaches a cluster that was running before this driver
             options["runtime_env"] = {"env_vars": storage_env()}
-        if sizing["actors"]:
+        actors = op.kind == "actors"
+        if actors:
             actor = ray.remote(_PhaseActor).options(**options)
             workers: list[Any] = [actor.remote(job) for _ in range(slots)]
 
@@ -357,11 +382,10 @@ class RayExecutor:
                     idle.append(worker)
                 yield _result(row)
         finally:
-            if sizing["actors"]:
-                for worker in workers:
-                    ray.kill(worker)
+            if actors:
+                _release(workers)
 
-    def _run_split(self, job: PhaseJob, items: list[dict[str, Any]]) -> Iterator[ShardResult]:
+    def _run_split(self, job: PhaseJob, items: list[dict[str, Any]], ops: list[Any]) -> Iterator[ShardResult]:
         """Read, stage groups and write as Ray Data operators; the shard travels between them as IPC bytes."""
         import ray
 
@@ -370,16 +394,19 @@ class RayExecutor:
         if storage_env():  # also reaches a cluster that was running before this driver
             common["runtime_env"] = {"env_vars": storage_env()}
         ds = ds.map_batches(_Load(job), num_cpus=1, **common)
-        stage_groups = groups(job.stages)
-        pools = actor_pools(stage_groups)
-        for group in stage_groups:
-            if group[0].resources.needs_actor:
-                sizing = self._actor_sizing(group[0], pools)
-                ds = ds.map_batches(_ApplyActor, fn_constructor_args=(job, group), **sizing, **common)
-            else:
+        by_name = {b.name: b for b in job.stages}
+        for op in ops[1:-1]:  # between the read and the write
+            group = [by_name[name] for name in op.stages]
+            if op.kind == "actors":
                 ds = ds.map_batches(
-                    _Apply(job, group), num_cpus=max(b.resources.cpus for b in group), **common
+                    _ApplyActor,
+                    fn_constructor_args=(job, group),
+                    concurrency=op.concurrency,
+                    **op.ray_options(),
+                    **common,
                 )
+            else:
+                ds = ds.map_batches(_Apply(job, group), **op.ray_options(), **common)
         ds = ds.map_batches(_Sink(job), num_cpus=1, **common)
         yield from self._results(ds)
 
@@ -387,6 +414,69 @@ class RayExecutor:
     def _results(ds: Any) -> Iterator[ShardResult]:
         for row in ds.iter_rows():
             yield _result(row)
+
+
+def _release(workers: list[Any], timeout: float = 60.0) -> None:
+    """End a phase's actors and wait until they are gone, so the next phase's actors get their CPUs and
+    memory. Each exits on its own between tasks (``__ray_terminate__``); one that does not in ``timeout``
+    seconds (stuck in a stage) is killed."""
+    import ray
+
+    ending = [w.__ray_terminate__.remote() for w in workers]
+    with contextlib.suppress(Exception):  # an actor that already died answers with an error: it is gone
+        ray.wait(ending, num_returns=len(ending), timeout=timeout)
+    for worker in workers:
+        with contextlib.suppress(Exception):
+            ray.kill(worker)
+
+
+def fit_options(bound: BoundStage, cluster: Cluster) -> dict[str, Any] | None:
+    """Ray options for a global stage's fit that uses GPUs on a cluster that has them; None: in the driver."""
+    gpus = bound.stage.fit_gpus() if hasattr(bound.stage, "fit_gpus") else 0.0
+    if gpus <= 0 or cluster.gpus <= 0:
+        return None
+    return {"num_gpus": min(gpus, max(n.gpus for n in cluster.nodes)), "num_cpus": 1}
+
+
+def _fit_task(stage: Any, shards: Any) -> None:
+    stage.fit(shards)
+
+
+def ray_cluster() -> Cluster:
+    """The Ray cluster this process is connected to, node by node. The GPUs' memory is asked of one GPU
+    by a small task (Ray does not report it); where that fails it stays unknown, and the plan says so."""
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        if not n.get("Alive", n.get("alive", False)):
+            continue
+        r = n.get("Resources", {})
+        if r.get("CPU", 0) <= 0 and r.get("GPU", 0) <= 0:
+            continue
+        nodes.append(Node(r.get("CPU", 0.0), r.get("GPU", 0.0), int(r.get("memory", 0)) or None, None))
+    if not nodes:
+        total = ray.cluster_resources()
+        nodes = [Node(total.get("CPU", 1.0), total.get("GPU", 0.0), int(total.get("memory", 0)) or None)]
+    if any(n.gpus > 0 for n in nodes):
+        gpu_memory = _gpu_memory()
+        nodes = [dataclasses.replace(n, gpu_memory=gpu_memory if n.gpus > 0 else None) for n in nodes]
+    return Cluster(tuple(nodes), "the Ray cluster")
+
+
+def _gpu_memory() -> int | None:
+    import ray
+
+    def total_memory() -> int:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+
+    try:
+        ref = ray.remote(num_gpus=1, num_cpus=0)(total_memory).remote()
+        return ray.get(ref, timeout=120)
+    except Exception:  # no torch there, or no GPU free for a minute: the plan goes without it
+        return None
 
 
 def _result(row: dict[str, Any]) -> ShardResult:

@@ -1,7 +1,8 @@
 """Running a LAION head on CLIP image embeddings, as the ``nsfw`` (``laion_clip``) and ``aesthetic`` stages do.
 
 Where the shard already holds an ``image_embedding`` from the head's own CLIP (``clip_model`` names it), the
-head runs on it and no image is decoded; other rows are embedded by a CLIP loaded on first need.
+head runs on it and no image is decoded; other rows are embedded by a CLIP loaded on first need. The label
+matched is the one ``clip_score`` writes for the same weights, " (stand-in)" included where they are one.
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.base import StrictModel
+from curate.base import MIB, MemoryNeed, StrictModel
+from curate.core.stage import StageResources
 from curate.kit.image_batches import decode_rgb, iter_batches, rows_to_score
 from curate.models.device import Device, Precision
 from curate.models.weights import WeightsSpec, resolve
@@ -89,11 +92,12 @@ class ClipHeadScorer:
     """
 
     def __init__(self, head, c: ClipHeadConfig):
-        from curate.models.clip import clip_label
+        from curate.models.clip import resolved_clip_label
 
         self.head = head
         self.config = c
-        self.label = clip_label(c.clip_model, c.clip_pretrained)
+        # What clip_score records for the same weights, so that its embeddings are reused, stand-ins too.
+        self.label = resolved_clip_label(c.clip_model, c.clip_pretrained)
         self._clip = None
 
     @classmethod
@@ -190,3 +194,38 @@ def _any_decodes(table: pa.Table, rows: list[int]) -> bool:
         except Exception:  # noqa: S112 - any image that fails to decode: try the next one
             continue
     return False
+
+
+def reuses_embeddings(c: ClipHeadConfig, upstream: Sequence[Any]) -> bool:
+    """Whether an earlier stage writes the image embeddings of this head's CLIP (``clip_score`` with
+    ``embeddings: true`` and the same model), so the head never loads a CLIP of its own."""
+    from curate.models.clip import clip_label
+
+    mine = clip_label(c.clip_model, c.clip_pretrained)
+    return any(
+        getattr(s, "name", None) == "clip_score"
+        and getattr(s.config, "embeddings", False)
+        and clip_label(s.config.model, s.config.pretrained) == mine
+        for s in upstream
+    )
+
+
+def head_resources(c: ClipHeadConfig, upstream: Sequence[Any]) -> StageResources:
+    """A head on stored embeddings is cheap on CPUs; one that runs its own CLIP takes a GPU share."""
+    return StageResources(
+        cpus=1, uses_model=True, gpus_if_any=0.0 if reuses_embeddings(c, upstream) else 0.25
+    )
+
+
+def head_memory(c: ClipHeadConfig, device: str, upstream: Sequence[Any]) -> MemoryNeed:
+    """The head (well under a million parameters), and the CLIP when no earlier stage writes its embeddings."""
+    from curate.models.footprint import PROCESS_BASE
+
+    head = MemoryNeed(PROCESS_BASE + 16 * MIB, 0, ("LAION head on stored CLIP embeddings: under 16 MiB",))
+    if reuses_embeddings(c, upstream):
+        return head
+    from curate.models.clip import clip_memory
+
+    return clip_memory(c.clip_model, c.clip_pretrained, device, c.batch_size, c.precision) + MemoryNeed(
+        16 * MIB, 0, ("and the LAION head",)
+    )

@@ -9,6 +9,9 @@
 - a folder with ``open_clip_config.json`` and weights, as on the hub: loaded with ``local-dir:<folder>``,
   config and all (how the demo's small CLIP and any fine-tuned checkpoint load);
 - ``random``: random weights, for speed measurements only; recorded as such in ``clip_model``.
+
+Weights that are a stand-in (:mod:`curate.models.stand_in`) load the same way; ``clip_model`` then ends in
+" (stand-in)" (:func:`resolved_clip_label`), which is also what the LAION heads match to reuse embeddings.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from curate.base import ModelNotFound
+from curate.base import MemoryNeed, ModelNotFound
 from curate.models.device import autocast, pick_device, pick_dtype
-from curate.models.weights import WeightsSpec, local_path, resolve
+from curate.models.weights import WeightsSpec, local_path, resolve, stand_in_label
 
-__all__ = ["ClipModel", "clip_label", "clip_weights"]
+__all__ = ["ClipModel", "clip_label", "clip_weights", "resolved_clip_label"]
 
 _FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -63,6 +66,29 @@ def clip_label(model: str, pretrained: str) -> str:
     return f"{model}/{pretrained}"
 
 
+def resolved_clip_label(model: str, pretrained: str) -> str:
+    """The ``clip_model`` value a :meth:`ClipModel.load` of ``model``/``pretrained`` records, known without
+    loading or downloading anything: :func:`clip_label`, with " (stand-in)" when the weights it would load
+    (the first of its files in the model directory, or the given path) are a stand-in."""
+    return stand_in_label(clip_label(model, pretrained), _local_weights(model, pretrained))
+
+
+def _local_weights(model: str, pretrained: str) -> Path | None:
+    """The weights file or folder a load would use, where it is here already; None for random weights or
+    weights that would be downloaded."""
+    if model.startswith("local-dir:"):
+        return Path(model[len("local-dir:") :]).expanduser()
+    if pretrained == "random":
+        return None
+    if _is_path(pretrained):
+        return Path(pretrained).expanduser()
+    try:
+        specs = clip_weights(model, pretrained)
+    except ModelNotFound:
+        return None
+    return next((local_path(s) for s in specs if local_path(s).exists()), None)
+
+
 def _is_path(value: str) -> bool:
     return os.sep in value or "/" in value or Path(value).expanduser().exists()
 
@@ -93,7 +119,7 @@ class ClipModel:
     tokenizer: Any
     device: Any
     dtype: Any
-    name: str  # "<architecture>/<pretrained>", recorded in the clip_model column
+    name: str  # "<architecture>/<pretrained>" (+ " (stand-in)"), recorded in the clip_model column
 
     @classmethod
     def load(
@@ -138,7 +164,8 @@ class ClipModel:
             )
             tokenizer = open_clip.get_tokenizer(model)
         net.eval()
-        return cls(net, preprocess, tokenizer, dev, pick_dtype(dev, precision), clip_label(model, pretrained))
+        name = stand_in_label(clip_label(model, pretrained), weights)
+        return cls(net, preprocess, tokenizer, dev, pick_dtype(dev, precision), name)
 
     @property
     def dim(self) -> int:
@@ -169,3 +196,26 @@ class ClipModel:
 def _unit(emb) -> np.ndarray:
     x = emb.float().cpu().numpy()
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def clip_memory(model: str, pretrained: str, device: str, batch: int, precision: str = "auto") -> MemoryNeed:
+    """What a worker running this CLIP needs, from open_clip's config (or the checkpoint folder's), without
+    loading weights."""
+    from curate.models.footprint import image_model_need, open_clip_folder_params, open_clip_params
+
+    if model.startswith("local-dir:"):
+        params, vision = open_clip_folder_params(model[len("local-dir:") :])
+    elif Path(pretrained).expanduser().is_dir():
+        params, vision = open_clip_folder_params(Path(pretrained).expanduser())
+    else:
+        params, vision = open_clip_params(model)
+    kind = "cnn" if isinstance(vision.get("layers"), list) or vision.get("timm") else "vit"
+    return image_model_need(
+        params,
+        device,
+        batch,
+        kind=kind,
+        vision=vision,
+        precision=precision,
+        name=clip_label(model, pretrained),
+    )

