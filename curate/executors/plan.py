@@ -113,12 +113,12 @@ class Cluster:
         node = self.nodes[0]
         uniform = all(x == node for x in self.nodes)
         if uniform:
-            what = f"{node.cpus:g} CPUs, {node.gpus:g} GPUs"
+            what = f"{_n(node.cpus, 'CPU')}, {_n(node.gpus, 'GPU')}"
             what += f", {fmt_bytes(node.memory)} for workers" if node.memory else ""
             what += f", {fmt_bytes(node.gpu_memory)} per GPU" if node.gpus and node.gpu_memory else ""
             head = f"{n} node{'s' if n > 1 else ''} of {what}" if n > 1 else what
         else:
-            head = f"{n} nodes, {self.cpus:g} CPUs, {self.gpus:g} GPUs" + (
+            head = f"{n} nodes, {_n(self.cpus, 'CPU')}, {_n(self.gpus, 'GPU')}" + (
                 f", {fmt_bytes(self.memory)} for workers" if self.memory else ""
             )
         return head + (f" ({self.source})" if self.source else "")
@@ -132,6 +132,10 @@ class Cluster:
             "nodes": [vars(n) for n in self.nodes],
             "source": self.source,
         }
+
+
+def _n(count: float, noun: str) -> str:
+    return f"{count:g} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclass(frozen=True)
