@@ -110,7 +110,7 @@ class Watermark(Stage):
                 params, device, c.batch_size, kind="cnn", precision=c.precision, name=c.laion_arch
             )
         if c.text:
-            # RapidOCR's detector in onnxruntime, at up to text_max_side px (measured: benchmarks/stage_memory.py).
+            # RapidOCR's detector in onnxruntime, at up to text_max_side px (measured: benchmarks/flagship.py).
             need = need + MemoryNeed(
                 int(OCR_WORKING * (c.text_max_side / 960) ** 2), 0, ("RapidOCR text detector",)
             )
