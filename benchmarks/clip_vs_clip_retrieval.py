@@ -3,7 +3,7 @@
 Both sides load the same weights file: random weights of the real open_clip ViT-B-32 (``create_model("ViT-B-32",
 pretrained=None)``, seed 0, saved once as safetensors), since no pretrained tag can be downloaded here. Both
 compute image AND text embeddings of the same photo-like JPEGs (crops of the sample photos that matplotlib and
-scikit-learn ship, where installed, and smooth synthetic scenes; 256-512 px) with captions, laid out as
+scikit-learn ship, where installed, and smooth synthetic scenes; long side 256-512 px) with captions, laid out as
 WebDataset tars (<key>.jpg + <key>.txt), and write them out as they normally do:
 
 - clip-retrieval (its own venv, ``.bench-venv/clip-retrieval``, made with uv on first use): its python API
