@@ -139,4 +139,4 @@ def test_the_flagship_runs_end_to_end_with_stand_ins_under_ray(cli, world, ray_c
     # After dedup, recaption and fusion run in one worker that holds both models, placed by its memory.
     last = phases[-1]["operators"][0]
     assert last["reads_writes"] and last["stages"] == ["dedup", "recaption", "fuse_captions"]
-    assert last["memory"] > 1 << 30
+    assert last["memory"] > 900 << 20  # the process and both captioners, reserved in Ray

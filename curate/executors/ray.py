@@ -181,7 +181,19 @@ def _stderr_kept_on_error() -> Iterator[None]:
             os.close(saved)
 
 
-_STORAGE_ENV = ("AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
+# Storage credentials, and where the models are (a driver's CURATE_MODEL_DIR must reach workers of a
+# cluster that was started before it was set).
+_STORAGE_ENV = (
+    "AWS_",
+    "FSSPEC_",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GCS_",
+    "AZURE_STORAGE_",
+    "CURATE_MODEL_DIR",
+    "CURATE_OFFLINE",
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+)
 
 
 def storage_env() -> dict[str, str]:
