@@ -91,14 +91,34 @@ def fmt_bytes(n: int | float) -> str:
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    """Bytes of host memory and of GPU memory one worker needs at its peak, and what they are made of."""
+    """Bytes of host memory and of GPU memory one worker needs at its peak, and what they are made of.
+
+    ``transient`` and ``gpu_transient`` are the parts of those peaks held only for a while (loading's
+    checkpoint beside the model, a batch's working set): a worker that holds several stages' models holds
+    every model at once but reaches one stage's peak at a time (``resident`` + the largest transient)."""
 
     host: int
     gpu: int = 0
     parts: tuple[str, ...] = field(default=())
+    transient: int = 0
+    gpu_transient: int = 0
 
     def __add__(self, other: MemoryNeed) -> MemoryNeed:
-        return MemoryNeed(self.host + other.host, self.gpu + other.gpu, self.parts + other.parts)
+        return MemoryNeed(
+            self.host + other.host,
+            self.gpu + other.gpu,
+            self.parts + other.parts,
+            self.transient + other.transient,
+            self.gpu_transient + other.gpu_transient,
+        )
+
+    @property
+    def resident(self) -> int:
+        return self.host - self.transient
+
+    @property
+    def gpu_resident(self) -> int:
+        return self.gpu - self.gpu_transient
 
     def describe(self) -> str:
         gpu = f" + {fmt_bytes(self.gpu)} GPU" if self.gpu else ""

@@ -89,7 +89,7 @@ def test_a_model_stage_takes_its_gpu_share_only_where_the_cluster_has_gpus():
     assert s.need.gpu == 1 * GIB
     on_cpus = make_plan([[stage]], Cluster.uniform(1, 8, 0, 32 * GIB))
     assert on_cpus.stage("clip").device == "cpu" and on_cpus.phases[0].single
-    assert "no GPUs: every model stage runs on CPUs, in fp32" in on_cpus.notes
+    assert "no GPUs: every model stage runs on CPUs (in fp32 where its precision is auto)" in on_cpus.notes
     kept_on_cpu = make_plan([[_bound("clip", 2, 1, gpus=0)]], Cluster.uniform(1, 8, 1, 32 * GIB, 80 * GIB))
     assert kept_on_cpu.stage("clip").device == "cpu"  # an explicit gpus: 0 wins
     with pytest.raises(ConfigError, match=r"stages\.clip\.resources\.gpus.*no GPUs"):
@@ -134,6 +134,24 @@ def test_a_cpu_phase_runs_as_many_workers_per_node_as_its_memory_holds():
     assert op.memory == combined([s.stage.memory("cpu") for s in stages]).host == (21 * GIB - PROCESS_BASE)
     roomy = make_plan([stages], Cluster.uniform(1, 8, 0, 512 * GIB))
     assert roomy.phases[0].operators[0].concurrency == 8  # then the CPUs are the limit
+
+
+def test_a_worker_holding_several_models_reaches_one_stage_peak_at_a_time():
+    # Loading's checkpoint and a batch's working set come and go; the models stay.
+    vlm = MemoryNeed(PROCESS_BASE + 12 * GIB, 0, ("vlm",), transient=4 * GIB)
+    llm = MemoryNeed(PROCESS_BASE + 9 * GIB, 3 * GIB, ("llm",), transient=3 * GIB, gpu_transient=1 * GIB)
+    both = combined([vlm, llm])
+    assert both.resident == PROCESS_BASE + 8 * GIB + 6 * GIB
+    assert both.host == PROCESS_BASE + 14 * GIB + 4 * GIB  # not 12 + 9
+    assert (both.gpu, both.gpu_transient) == (3 * GIB, 1 * GIB)
+    assert both.parts[:2] == ("vlm", "llm") and "4.0 GiB" in both.parts[-1]
+    # The estimates of real models say which part is transient: on a CPU the larger of the checkpoint
+    # (bf16, beside the fp32 model while loading) and a batch's working set.
+    from curate.models.footprint import generator_need
+
+    need = generator_need(None, 1_000_000_000, "cpu", 1, 16, 16)
+    assert need.resident == PROCESS_BASE + 4_000_000_000 and need.transient == 2_000_000_000
+    assert combined([need]) == need
 
 
 def test_cpu_pools_are_capped_by_the_memory_gpu_pools_leave():

@@ -272,15 +272,20 @@ def single_operator(stages: list[Any]) -> bool:
 
 
 def combined(needs: list[MemoryNeed]) -> MemoryNeed:
-    """One worker holding several stages' models: their needs added, the process itself counted once."""
+    """One worker holding several stages' models: every model at once, the process itself counted once, and
+    one stage's transient peak at a time (the stages load one after another and run one batch at a time)."""
     from curate.models.footprint import PROCESS_BASE
 
     if not needs:
         return MemoryNeed(0)
-    total = needs[0]
-    for need in needs[1:]:
-        total = total + MemoryNeed(max(0, need.host - PROCESS_BASE), need.gpu, need.parts)
-    return total
+    transient = max(n.transient for n in needs)
+    gpu_transient = max(n.gpu_transient for n in needs)
+    resident = needs[0].resident + sum(max(0, n.resident - PROCESS_BASE) for n in needs[1:])
+    gpu = sum(n.gpu_resident for n in needs) + gpu_transient
+    parts = tuple(p for n in needs for p in n.parts)
+    if len(needs) > 1 and transient:
+        parts += (f"one stage's loading or batch peak at a time: {fmt_bytes(transient)}",)
+    return MemoryNeed(resident + transient, gpu, parts, transient, gpu_transient)
 
 
 def estimate(bound: Any, device: str, notes: list[str]) -> MemoryNeed | None:
@@ -331,7 +336,7 @@ def make_plan(phases: list[list[Any]], cluster: Cluster) -> Plan:
     for index, stages in enumerate(phases):
         result.phases.append(plan_phase(stages, cluster, index, result.notes))
     if cluster.gpus <= 0 and any(s.need for p in result.phases for s in p.stages):
-        result.notes.append("no GPUs: every model stage runs on CPUs, in fp32")
+        result.notes.append("no GPUs: every model stage runs on CPUs (in fp32 where its precision is auto)")
     for stages in phases[1:]:
         fit = getattr(stages[0].stage, "fit_gpus", lambda: 0.0)()
         if fit > 0 and cluster.gpus > 0:
@@ -594,6 +599,6 @@ def local_plan(phases: list[list[Any]], cluster: Cluster) -> Plan:
     if needs:
         result.notes.append(
             f"one process holds every model: about {total.describe()} "
-            + ("(on the GPU)" if device == "cuda" else "(no GPU: on CPUs, in fp32)")
+            + ("(on the GPU)" if device == "cuda" else "(no GPU: on CPUs, in fp32 where precision is auto)")
         )
     return result

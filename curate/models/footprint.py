@@ -217,8 +217,11 @@ def image_model_need(
         f"while loading, the checkpoint too: {fmt_bytes(checkpoint)}",
     )
     if device == "cuda":
-        return MemoryNeed(PROCESS_BASE + params * 4 + checkpoint + decoded, weights + working, parts)
-    return MemoryNeed(PROCESS_BASE + weights + max(working + decoded, checkpoint), 0, parts)
+        # Built in fp32 on the host, filled from the checkpoint, then moved: the host keeps only the process.
+        loading = params * 4 + checkpoint + decoded
+        return MemoryNeed(PROCESS_BASE + loading, weights + working, parts, loading, working)
+    extra = max(working + decoded, checkpoint)
+    return MemoryNeed(PROCESS_BASE + weights + extra, 0, parts, extra)
 
 
 def generator_need(
@@ -272,8 +275,10 @@ def generator_need(
     )
     if device == "cuda":
         # from_pretrained reads the weights into host memory (beside the mapped checkpoint) before they move.
-        return MemoryNeed(PROCESS_BASE + weights + checkpoint + decoded, weights + working, parts)
-    return MemoryNeed(PROCESS_BASE + weights + max(working + decoded, checkpoint), 0, parts)
+        loading = weights + checkpoint + decoded
+        return MemoryNeed(PROCESS_BASE + loading, weights + working, parts, loading, working)
+    extra = max(working + decoded, checkpoint)
+    return MemoryNeed(PROCESS_BASE + weights + extra, 0, parts, extra)
 
 
 # --- this machine -----------------------------------------------------------------------------------
