@@ -14,6 +14,7 @@ from conftest import shard_files, write_pipeline
 from PIL import Image
 from support.data import make_tiny_clip
 
+from curate.models.clip import ClipModel
 from curate.stages.clip_score import ClipScore, ClipScoreConfig
 
 open_clip = pytest.importorskip("open_clip")
@@ -75,6 +76,29 @@ def test_scores_are_the_cosine_of_open_clip_embeddings(tiny_clip):
     np.testing.assert_allclose(np.array(emb.to_pylist()[:6], np.float32), img, atol=2e-3)
     np.testing.assert_allclose(np.array(out["text_embedding"].to_pylist()[:6], np.float32), txt, atol=2e-3)
     assert out.num_rows == table.num_rows and out["uid"].equals(table["uid"])
+
+
+def test_text_embeddings_skip_the_padding_and_equal_open_clips(tiny_clip, monkeypatch):
+    # Captions of every length from empty to past the context (16 tokens in the tiny CLIP, 77 in real ones),
+    # in no order, more than two groups.
+    from curate.models import clip as clip_module
+
+    words = "a small red house by the lake under a grey sky with two boats".split()
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(words, size=int(n))) for n in rng.permutation(70) % 20]
+    model = ClipModel.load(f"local-dir:{tiny_clip}", "random")
+    lengths = []
+    prefix = clip_module._encode_text_prefix
+    monkeypatch.setattr(
+        clip_module, "_encode_text_prefix", lambda m, t: lengths.append(t.shape[1]) or prefix(m, t)
+    )
+    got = model.encode_texts(captions)
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(model.model.encode_text(model.tokenizer(captions)), dim=-1)
+    np.testing.assert_allclose(got, full.numpy(), atol=1e-5)
+    # Three groups sorted by length: the short ones ran on part of the context.
+    context = model.model.context_length
+    assert len(lengths) == 3 and lengths == sorted(lengths) and lengths[0] <= 12 and lengths[-1] == context
 
 
 def test_weights_file_of_a_registered_architecture(tiny_clip, tmp_path):

@@ -189,8 +189,61 @@ class ClipModel:
             return np.zeros((0, self.dim), np.float32)
         tokens = self.tokenizer(texts).to(self.device)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            emb = self.model.encode_text(tokens)
+            emb = _encode_text(self.model, tokens)
         return _unit(emb)
+
+
+# Captions sorted by length and run in groups this size, each cut after its longest caption's last token.
+TEXT_GROUP = 32
+
+
+def _encode_text(model: Any, tokens: Any) -> Any:
+    """``model.encode_text(tokens)`` without the padding where that is exact: open_clip's own ``CLIP`` has a
+    causal text tower pooled at the end-of-text token, so the positions after it change nothing, and alt-text
+    is mostly far shorter than the 77-token context. Other towers (HF text encoders, first-token pooling, no
+    causal mask) run as they are."""
+    import open_clip
+    import torch
+
+    if (
+        type(model) is not open_clip.CLIP
+        or getattr(model, "attn_mask", None) is None
+        or model.text_pool_type not in ("argmax", "eos")
+    ):
+        return model.encode_text(tokens)
+    if model.text_pool_type == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    order = torch.argsort(ends)
+    out = []
+    for group in order.split(TEXT_GROUP):
+        length = int(ends[group].max()) + 1
+        out.append(_encode_text_prefix(model, tokens[group, :length]))
+    emb = torch.cat(out)
+    result = torch.empty_like(emb)
+    result[order] = emb
+    return result
+
+
+def _encode_text_prefix(model: Any, text: Any) -> Any:
+    """open_clip's ``CLIP.encode_text`` on the first ``text.shape[1]`` positions (open_clip 3.x)."""
+    from open_clip.transformer import text_global_pool
+    from torch import nn
+
+    n = text.shape[1]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = (
+            model.text_projection(x)
+            if isinstance(model.text_projection, nn.Linear)
+            else x @ model.text_projection
+        )
+    return x
 
 
 def _unit(emb) -> np.ndarray:
