@@ -271,7 +271,10 @@ def main() -> None:
 
     start = time.perf_counter()
     written = write_stand_ins(Pipeline(load_pipeline(str(PIPELINE), [OPEN_FILTER])))
-    doc: dict = {
+    # Parts measured earlier (--skip-stages, --skip-run) stay in flagship.json.
+    saved = args.work / "flagship.json"
+    doc: dict = json.loads(saved.read_text()) if saved.exists() else {}
+    doc |= {
         "stand_ins": [
             {
                 "stage": w.stage,
@@ -287,16 +290,17 @@ def main() -> None:
     images = photo_like(args.images)
     if not args.skip_stages:
         doc["stages"] = stages(args.work, images)
+        saved.write_text(json.dumps(doc, indent=2, default=str))
     if not args.skip_run:
         doc["runs"] = []
         for ex in args.executors.split(","):
             doc["runs"].append(run(args.work, images, ex, args.shard_size))
             if doc["runs"][-1]["exit_code"] == 2:
-                # A box of 24 GiB cannot hold both captioners in fp32 in one worker (with the CLIP and the
-                # watermark net, for the local executor), and the plan says so before any work; in bf16 they fit.
+                # Where the machine cannot hold both captioners in fp32 in one worker (with the CLIP and the
+                # watermark net, for the local executor), the plan says so before any work; in bf16 they fit.
                 doc["runs"].append(run(args.work, images, ex, args.shard_size, BF16_CAPTIONERS))
-    (args.work / "flagship.json").write_text(json.dumps(doc, indent=2, default=str))
-    print(f"wrote {args.work / 'flagship.json'}")
+            saved.write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {saved}")
 
 
 if __name__ == "__main__":
