@@ -1,11 +1,19 @@
 """Download, check and resize the image of every kept row, many at a time.
 
+Rows whose image came with the input (WebDataset tars, image folders, a parquet image column: see
+:mod:`curate.core.sources`) are not fetched: their bytes go through the same processing as downloaded ones
+(the checks below, resize and re-encode, sha256 of the original bytes, pHash), with the same statuses.
+
 Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
 
 =====================  ==========================================================================
-``ok``                 downloaded, decoded, resized and re-encoded
+``ok``                 downloaded (or taken from the input), decoded, resized and re-encoded
 ``invalid_url``        (input) null, empty or unparseable URL, or a scheme other than http(s)
-``duplicate_row``      (input) the same url and caption as an earlier row of the shard
+``duplicate_row``      (input) the same url and caption as an earlier row of the shard (for images
+                       that came with the input: the same source and caption, or a tar key repeated)
+``no_image``           (input) a WebDataset sample without an image member, a null image column
+``read_error``         (input) the input's file or tar member could not be read
+``bad_metadata``       (input) a WebDataset sample's json is not a JSON object
 ``blocked_address``    the host resolves to a non-public address, or a redirect leads to one or to
                        another scheme; no connection is made
 ``opted_out``          robots.txt disallows the path or answers 5xx, or ``X-Robots-Tag`` says noai /
@@ -170,8 +178,11 @@ class Download(Stage):
         self._fetcher = Fetcher(_pick(FetchPolicy, c))
         self._image = _pick(ImageOptions, c)
 
-    def _one(self, url: str) -> Processed:
-        fetched = self._fetcher.fetch(url)
+    def _one(self, url: str | None, given: bytes | None = None) -> Processed:
+        if given is not None:  # the image came with the input: no fetch, the same processing
+            with self._decoders:
+                return process(given, self._image)
+        fetched = self._fetcher.fetch((url or "").strip())
         if fetched.status != "ok":
             return Processed(fetched.status, fetched.error)
         # Many threads wait on sockets; only as many as there are cores decode at once. Decoded pixels are
@@ -182,8 +193,16 @@ class Download(Stage):
     def __call__(self, table: pa.Table) -> pa.Table:
         todo = [i for i, keep in enumerate(is_kept(table).to_pylist()) if keep]
         urls = table["url"].to_pylist()
+        given = (
+            table["source_image"].to_pylist()
+            if "source_image" in table.column_names
+            else [None] * table.num_rows
+        )
         with ThreadPoolExecutor(max_workers=min(self.config.concurrency, max(len(todo), 1))) as pool:
-            results = dict(zip(todo, pool.map(self._one, [urls[i].strip() for i in todo]), strict=True))
+            done = pool.map(self._one, [urls[i] for i in todo], [given[i] for i in todo])
+            results = dict(zip(todo, done, strict=True))
+        if "source_image" in table.column_names:  # taken: from here on the stored image is the image
+            table = table.drop_columns(["source_image"])
 
         # Rows not downloaded keep their status and error, and get nulls in the other columns.
         out = {name: [None] * table.num_rows for name in self.writes}

@@ -38,14 +38,14 @@ def write(tmp_path, doc):
         (
             lambda d: d["input"].update(fmt="csv"),
             "input.fmt",
-            "allowed here: caption_col, format, max_caption_chars, path, url_col",
+            "allowed here: caption_col, caption_field, captions, format, image_col, max_caption_chars, path, uid_col, url_col",
         ),
         (lambda d: d.update(shard_size="many"), "shard_size", "valid integer"),
         (lambda d: d.update(shard_size=0), "shard_size", "greater than 0"),
         (
             lambda d: d["input"].update(format="xlsx"),
             "input.format",
-            "'parquet', 'csv', 'tsv', 'jsonl' or 'txt'",
+            "'parquet', 'csv', 'tsv', 'jsonl', 'txt', 'webdataset' or 'folder'",
         ),
         (lambda d: d.update(executor={"kind": "spark"}), "executor.kind", "'local' or 'ray'"),
         (

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "txt"]
+InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "txt", "webdataset", "folder"]
 
 
 DEFAULT_MAX_CAPTION_CHARS = 2000
@@ -48,14 +48,62 @@ DEFAULT_MAX_CAPTION_CHARS = 2000
 class InputConfig(StrictModel):
     path: str = Field(description="file, glob or directory; local or any fsspec URL")
     format: InputFormat | None = Field(None, description="inferred from the file suffix when absent")
-    url_col: str = "url"
+    url_col: str = Field(
+        "url",
+        description="the image URL's column; for inputs that carry images (webdataset, folder, image_col) "
+        "optional: a json field of that name in a WebDataset sample, else null",
+    )
     caption_col: str | None = Field("caption", description="null for inputs with no caption (txt)")
+    image_col: str | None = Field(
+        None,
+        description="parquet/arrow: a column of image bytes, or of {bytes, path} structs (HuggingFace "
+        "datasets' Image); its rows skip fetching and go through the download stage's checks",
+    )
+    uid_col: str | None = Field(
+        None,
+        description="keep the source's id as the uid (img2dataset's key, DataComp's uid): a column, or a "
+        "WebDataset json field, or key (the sample's key); must be unique in the run. Default: computed "
+        "from url and caption (curate.core.schema.uid_for)",
+    )
+    caption_field: str | None = Field(
+        None, description="webdataset: the caption from this json field instead of <key>.txt"
+    )
+    captions: str | None = Field(
+        None,
+        description="folder: a csv/tsv/jsonl/parquet file with path (relative to the folder) and caption "
+        "columns, instead of a .txt beside each image",
+    )
     max_caption_chars: int | None = Field(
         DEFAULT_MAX_CAPTION_CHARS,
         gt=0,
         description="a longer caption is cut to this many characters and flagged in caption_truncated; "
         "null: no limit",
     )
+
+    @model_validator(mode="after")
+    def _options_of_the_format(self) -> InputConfig:
+        only = {
+            "caption_field": ("webdataset", None),
+            "captions": ("folder",),
+            "image_col": ("parquet", None),
+        }
+        for option, formats in only.items():
+            if getattr(self, option) is not None and self.format not in formats:
+                raise ValueError(
+                    f"{option} is for input.format {' or '.join(f for f in formats if f)}, "
+                    f"not {self.format or 'inferred from the file names'}"
+                    + (" (set input.format)" if None not in formats else "")
+                )
+        if self.format == "folder" and self.uid_col is not None:
+            raise ValueError(
+                "uid_col is for tables and WebDataset samples; a folder's images have no id column"
+            )
+        return self
+
+    @property
+    def carries_images(self) -> bool:
+        """Whether rows arrive with their image bytes (and skip fetching)."""
+        return self.format in ("webdataset", "folder") or self.image_col is not None
 
 
 class CaptionMix(StrictModel):

@@ -112,6 +112,14 @@ class Pipeline:
         """Check the column flow: every column a stage reads is written by the input or an earlier stage,
         and every column a stage writes is declared in the schema. Returns the columns at the end."""
         problems: list[tuple[str, str]] = []
+        if self.reader.carries_images and not any(b.stage.name == "download" for b in self.stages):
+            problems.append(
+                (
+                    "stages",
+                    "the input carries its images; add a `download` stage: it takes them without fetching "
+                    "and applies its checks, resize, re-encoding and hashes, as to downloaded images",
+                )
+            )
         available = self.reader.column_names()
         for i, bound in enumerate(self.stages):
             where = f"stages[{i}] ({bound.name})"

@@ -41,8 +41,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from curate.base import InputError
+from curate.core import sources
 from curate.core.config import InputConfig
-from curate.core.schema import COLUMNS, CORE_COLUMNS, uid_for
+from curate.core.schema import COLUMNS, CORE_COLUMNS, uid_for, uid_for_source
 
 __all__ = ["InputReader", "Segment", "ShardSpec", "clean_caption", "format_of"]
 
@@ -55,6 +56,8 @@ _SUFFIXES = {
     ".ndjson": "jsonl",
     ".json": "jsonl",
     ".txt": "txt",
+    ".tar": "webdataset",
+    ".tgz": "webdataset",
 }
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 
@@ -108,7 +111,19 @@ class InputReader:
         """The input files, sorted. A directory means every file in it (recursively) of a known format."""
         path = self.config.path
         fs = self.fs
-        if any(ch in path for ch in "*?["):
+        if self.config.format == "folder":
+            if not fs.isdir(path):
+                raise InputError(f"input.path: {path} is not a directory (input.format: folder)")
+            found = sorted(
+                p
+                for p in fs.find(path)
+                if not _hidden(p, fs._strip_protocol(path)) and sources.is_image_file(p)
+            )
+            if not found:
+                raise InputError(
+                    f"input.path: no image files under {path} (extensions: {', '.join(sources.IMAGE_EXTENSIONS)})"
+                )
+        elif any(ch in path for ch in "*?["):
             found = sorted(p for p in fs.glob(path) if fs.isfile(p))
         elif fs.isdir(path):
             found = sorted(
@@ -123,6 +138,9 @@ class InputReader:
             raise InputError(f"input.path: {path} does not exist")
         if not found:
             raise InputError(f"input.path: no input files match {path}")
+        if self.config.format is None and any(format_of(p) == "webdataset" for p in found):
+            # img2dataset's output folder: the parquet and json files beside its tars are their metadata.
+            found = [p for p in found if format_of(p) == "webdataset"]
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if protocol not in ("file", "local"):
             found = [fs.unstrip_protocol(p) for p in found]
@@ -135,12 +153,31 @@ class InputReader:
         if fmt is None:
             raise InputError(
                 f"{path}: cannot tell the format from the name; set input.format to one of "
-                "parquet, csv, tsv, jsonl, txt"
+                "parquet, csv, tsv, jsonl, txt, webdataset, folder"
             )
+        if self.config.image_col is not None and fmt != "parquet":
+            raise InputError(f"{path}: input.image_col is for parquet input, and this is {fmt}")
         return fmt
 
+    @property
+    def carries_images(self) -> bool:
+        """Rows arrive with their image bytes: the download stage takes them instead of fetching."""
+        return self.config.carries_images or (
+            bool(self.files) and self._format(self.files[0]) == "webdataset"
+        )
+
+    @functools.cached_property
+    def root(self) -> str:
+        """The folder that the ``source`` column's names are relative to."""
+        return sources.source_root(self.config.path, self.fs)
+
     def count_rows(self, path: str) -> int:
-        if self._format(path) == "parquet":
+        fmt = self._format(path)
+        if fmt == "folder":
+            return 1
+        if fmt == "webdataset":
+            return sources.scan_tar(path).count
+        if fmt == "parquet":
             try:
                 with self.fs.open(path, "rb") as f:
                     meta = pq.ParquetFile(f).metadata
@@ -176,11 +213,53 @@ class InputReader:
                     current, filled = [], 0
         if current:
             shards.append(ShardSpec(f"{len(shards):05d}", total, tuple(current)))
+        if self.config.uid_col is not None:
+            self._check_unique_uids()
         return shards
+
+    def _check_unique_uids(self) -> None:
+        """``input.uid_col`` names every row of the run: a repeat anywhere is refused before any work (uids
+        name shard members, dedup decisions and index entries)."""
+        seen: dict[str, str] = {}
+        for path in self.files:
+            for i, uid in enumerate(self._uids_of(path)):
+                if uid is None:
+                    raise InputError(f"{path}: row {i}: {self.config.uid_col} (input.uid_col) is null")
+                if uid in seen:
+                    raise InputError(
+                        f"{path}: row {i}: {self.config.uid_col} (input.uid_col) {uid!r} repeats {seen[uid]}; "
+                        "uids must be unique in a run"
+                    )
+                seen[uid] = f"{path} row {i}"
+
+    def _uids_of(self, path: str) -> list[str | None]:
+        col = self.config.uid_col
+        if self._format(path) == "webdataset":
+            index = sources.scan_tar(path)
+            if col == "key":
+                return [key for key, _ in index.samples]
+            table = sources.read_tar(path, 0, index.count, root=self.root, fs=self.fs, caption_field=None)
+        elif self._format(path) == "parquet":
+            try:
+                with self.fs.open(path, "rb") as f:
+                    names = pq.ParquetFile(f).schema_arrow.names
+                    table = pq.read_table(f, columns=[col]) if col in names else pa.table({})
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{path}: not a readable parquet file: {e}") from None
+        else:
+            table = self._read_file(path)
+        if col not in table.column_names:
+            raise InputError(
+                f"{path}: no column {col!r} (input.uid_col); columns: {', '.join(table.column_names)}"
+            )
+        return [None if v is None else str(v) for v in table[col].to_pylist()]
 
     def column_names(self) -> list[str]:
         """The columns a shard table will have, from the first file: the core columns, then the rest."""
         path = self.files[0]
+        if self.carries_images:
+            spec = ShardSpec("names", 0, (Segment(path, 0, min(1, self.count_rows(path))),))
+            return self.load(spec).column_names
         if self._format(path) == "parquet":
             try:
                 with self.fs.open(path, "rb") as f:
@@ -195,12 +274,65 @@ class InputReader:
 
     def load(self, spec: ShardSpec) -> pa.Table:
         """The shard's rows as a table with the core columns first, then the carried input columns."""
-        parts = [self._read_segment(seg) for seg in spec.segments]
+        if self.config.format == "folder":  # one segment per image: read together
+            parts = [
+                sources.folder_rows(
+                    [s.path for s in spec.segments], root=self.root, fs=self.fs, captions=self._captions
+                )
+            ]
+        else:
+            parts = [self._read_segment(seg) for seg in spec.segments]
         raw = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
         return self._normalise(raw, spec.first_row)
 
+    @functools.cached_property
+    def _captions(self) -> dict[str, str | None] | None:
+        """input.captions of a folder: relative path -> caption."""
+        if self.config.captions is None:
+            return None
+        path = self.config.captions
+        if "://" not in path and not path.startswith("/") and not self.fs.exists(path):
+            path = f"{self.config.path.rstrip('/')}/{path}"  # relative to the folder
+        fmt = format_of(path)
+        if fmt not in ("csv", "tsv", "jsonl", "parquet"):
+            raise InputError(f"input.captions: {path}: a csv, tsv, jsonl or parquet file, please")
+        try:
+            if fmt == "parquet":
+                with fsspec.open(path, "rb") as f:
+                    table = pq.read_table(f)
+            else:
+                table = self._read_file(path)
+        except (FileNotFoundError, pa.ArrowException, OSError) as e:
+            raise InputError(f"input.captions: {path}: cannot read it: {e}") from None
+        missing = [c for c in ("path", "caption") if c not in table.column_names]
+        if missing:
+            raise InputError(
+                f"input.captions: {path}: no column {', '.join(missing)}; columns: {', '.join(table.column_names)}"
+            )
+        paths = _as_strings(table["path"], f"input.captions: {path}: column 'path'")
+        texts = _as_strings(table["caption"], f"input.captions: {path}: column 'caption'")
+        found: dict[str, str | None] = {}
+        for i, (p, text) in enumerate(zip(paths, texts, strict=True)):
+            if p is None:
+                raise InputError(f"input.captions: {path}: row {i}: path is null")
+            p = p.removeprefix("./")
+            if p in found:
+                raise InputError(f"input.captions: {path}: row {i}: {p} has a caption already")
+            found[p] = text
+        return found
+
     def _read_segment(self, seg: Segment) -> pa.Table:
-        if self._format(seg.path) == "parquet":
+        fmt = self._format(seg.path)
+        if fmt == "webdataset":
+            return sources.read_tar(
+                seg.path,
+                seg.start,
+                seg.stop,
+                root=self.root,
+                fs=self.fs,
+                caption_field=self.config.caption_field,
+            )
+        if fmt == "parquet":
             try:
                 with self.fs.open(seg.path, "rb") as f:
                     pf = pq.ParquetFile(f)
@@ -220,7 +352,7 @@ class InputReader:
                     f"{seg.path}: not a readable parquet file: rows {seg.start}..{seg.stop - 1} hold "
                     f"{table.num_rows} rows"
                 )
-            return table
+            return self._with_images(table, seg) if self.config.image_col else table
         return self._read_file(seg.path).slice(seg.start, seg.stop - seg.start)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one reader per run; keeps the file a shard spans
@@ -264,6 +396,28 @@ class InputReader:
                 )
         return table
 
+    def _with_images(self, table: pa.Table, seg: Segment) -> pa.Table:
+        """A parquet segment with its image column turned into the raw image columns of :mod:`sources`."""
+        col = self.config.image_col
+        if col not in table.column_names:
+            raise InputError(
+                f"{seg.path}: no column {col!r} (input.image_col); columns: {', '.join(table.column_names)}"
+            )
+        base = seg.path.rsplit("/", 1)[0] if "/" in seg.path else "."
+        images, statuses, errors = sources.image_values(
+            table[col], base=base, fs=self.fs, what=f"{seg.path}: column {col!r} (input.image_col)"
+        )
+        where = sources.relative(seg.path, self.root, self.fs)
+        table = table.drop_columns([col])
+        for name, values, kind in (
+            (sources.SOURCE, [f"{where}#{seg.start + i}" for i in range(table.num_rows)], pa.string()),
+            (sources.SOURCE_IMAGE, images, pa.binary()),
+            (sources.READ_STATUS, statuses, pa.string()),
+            (sources.READ_ERROR, errors, pa.string()),
+        ):
+            table = table.append_column(name, pa.array(values, kind))
+        return table
+
     # --- normalising -----------------------------------------------------------------------------
 
     def _input_keys(self) -> tuple[str, ...]:
@@ -274,28 +428,47 @@ class InputReader:
         """Input columns keep their names unless curate declares one like it: then ``input_<name>``."""
         return f"input_{name}" if name in COLUMNS else name
 
+    def _raw_columns(self, raw: pa.Table) -> list[str]:
+        """The raw columns carried as input columns: all but the url and caption taken, and the reserved
+        columns of :mod:`sources` (a tar sample's key is carried as ``key`` unless its json has one)."""
+        reserved = {
+            sources.SOURCE,
+            sources.SOURCE_IMAGE,
+            sources.READ_STATUS,
+            sources.READ_ERROR,
+            sources.CAPTION,
+        }
+        if sources.KEY in raw.column_names and "key" in raw.column_names:
+            reserved.add(sources.KEY)
+        keys = self._input_keys() if sources.CAPTION not in raw.column_names else (self.config.url_col,)
+        return [k for k in raw.column_names if k not in keys and k not in reserved]
+
     def _normalise(self, raw: pa.Table, first_row: int) -> pa.Table:
         c = self.config
         n = raw.num_rows
         where = f"{c.path}"
+        images = sources.SOURCE_IMAGE in raw.column_names
+        carried = self._raw_columns(raw)
         # A repeated header name ("url,url"), or an input column that would land on another's name once
         # carried ("uid" is carried as input_uid: an input_uid beside it), would lose a column or fail.
-        names = [
-            *CORE_COLUMNS,
-            *(self._carried_name(k) for k in raw.column_names if k not in self._input_keys()),
-        ]
+        names = [*CORE_COLUMNS, *(self._carried_name(_key_name(k)) for k in carried)]
         repeated = sorted({k for k in raw.column_names if raw.column_names.count(k) > 1})
         repeated = repeated or sorted({k for k in names if names.count(k) > 1})
         if repeated:
             raise InputError(
                 f"{where}: column names that repeat (or collide once carried): {', '.join(repeated)}"
             )
-        if c.url_col not in raw.column_names:
+        if c.url_col in raw.column_names:
+            urls = _as_strings(raw[c.url_col], f"{where}: column {c.url_col!r} (input.url_col)")
+        elif images:
+            urls = [None] * n  # the image came with the input
+        else:
             raise InputError(
                 f"{where}: no column {c.url_col!r} (input.url_col); columns: {', '.join(raw.column_names)}"
             )
-        urls = _as_strings(raw[c.url_col], f"{where}: column {c.url_col!r} (input.url_col)")
-        if c.caption_col is None:
+        if sources.CAPTION in raw.column_names:
+            captions = raw[sources.CAPTION].to_pylist()
+        elif c.caption_col is None:
             captions = [None] * n
         elif c.caption_col in raw.column_names:
             captions = _as_strings(
@@ -306,19 +479,49 @@ class InputReader:
                 f"{where}: no column {c.caption_col!r} (input.caption_col; null for inputs without captions); "
                 f"columns: {', '.join(raw.column_names)}"
             )
+        if images:
+            located = raw[sources.SOURCE].to_pylist()
+            read_status = raw[sources.READ_STATUS].to_pylist()
+            read_error = raw[sources.READ_ERROR].to_pylist()
+        if c.uid_col is not None:
+            name = sources.KEY if c.uid_col == "key" and sources.KEY in raw.column_names else c.uid_col
+            if name not in raw.column_names:
+                raise InputError(
+                    f"{where}: no column {c.uid_col!r} (input.uid_col); columns: {', '.join(raw.column_names)}"
+                )
+            given = [None if v is None else str(v) for v in raw[name].to_pylist()]
 
         uids, statuses, errors, cleaned, truncated = [], [], [], [], []
         first_seen: dict[str, int] = {}
         for i, (url, caption) in enumerate(zip(urls, captions, strict=True)):
-            uid = uid_for(url, caption)  # the caption as read: see the module docstring
+            if c.uid_col is not None:
+                uid = given[i]
+                if uid is None:
+                    raise InputError(
+                        f"{where}: input row {first_row + i}: {c.uid_col} (input.uid_col) is null"
+                    )
+            else:
+                # The caption as read: see the module docstring. An image that came with the input and has
+                # no URL is named by where it came from.
+                uid = uid_for_source(located[i], caption) if images and url is None else uid_for(url, caption)
             text, cut = clean_caption(caption, c.max_caption_chars)
             cleaned.append(text)
             truncated.append(cut)
-            status, error = _check_url(url)
+            if images:
+                status, error = (read_status[i], read_error[i]) if read_status[i] else ("ok", None)
+            else:
+                status, error = _check_url(url)
             if status == "ok":
                 if uid in first_seen:
                     status = "duplicate_row"
-                    error = f"same url and caption as input row {first_row + first_seen[uid]}"
+                    what = (
+                        "uid"
+                        if c.uid_col is not None
+                        else "url and caption"
+                        if not images
+                        else "image source and caption"
+                    )
+                    error = f"same {what} as input row {first_row + first_seen[uid]}"
                 else:
                     first_seen[uid] = i
             uids.append(uid)
@@ -335,10 +538,23 @@ class InputReader:
             "drop_reason": pa.nulls(n, pa.string()),
             "caption_truncated": pa.array(truncated, pa.bool_()),
         }
-        for name in raw.column_names:
-            if name not in self._input_keys():
-                columns[self._carried_name(name)] = raw[name]
+        if images:
+            columns[sources.SOURCE] = raw[sources.SOURCE]
+            columns[sources.SOURCE_IMAGE] = raw[sources.SOURCE_IMAGE]
+        for name in carried:
+            columns[self._carried_name(_key_name(name))] = raw[name]
         return pa.table(columns)
+
+
+def _key_name(name: str) -> str:
+    """A tar sample's key is carried as ``key``."""
+    return "key" if name == sources.KEY else name
+
+
+def _hidden(path: str, root: str) -> bool:
+    """A file under ``root`` that a folder input skips: any part of its path starting with . or _."""
+    rel = path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else path
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
 def _read_csv(data: bytes, delimiter: str, strings: dict[str, pa.DataType]) -> pa.Table:

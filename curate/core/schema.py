@@ -27,6 +27,7 @@ __all__ = [
     "normalise_url",
     "reason_bucket",
     "uid_for",
+    "uid_for_source",
 ]
 
 
@@ -81,6 +82,21 @@ for _c in [
         pa.bool_(),
         "input",
         "true when the input caption was longer than input.max_caption_chars and was cut",
+    ),
+    # Written by the input reader for inputs that carry their images (curate.core.sources).
+    Column(
+        "source",
+        pa.string(),
+        "input",
+        "where an image that came with the input was read: <tar>#<key>, a file's path, <parquet>#<row>",
+    ),
+    Column(
+        "source_image",
+        pa.binary(),
+        "input",
+        "image bytes that came with the input; the download stage takes them instead of fetching (never "
+        "written)",
+        in_json=False,
     ),
     # Written by the download stage.
     Column("image", pa.binary(), "download", "the re-encoded image bytes (never written to parquet)"),
@@ -156,6 +172,16 @@ def uid_for(url: str | None, caption: str | None) -> str:
         except ValueError:
             norm = url.strip()
     digest = hashlib.sha256((norm + "\n" + normalise_caption(caption)).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
+def uid_for_source(source: str, caption: str | None) -> str:
+    """The id of a sample whose image came with the input and has no URL: from where it was read
+    (``<tar>#<key>``, a file's path relative to the input's root) and its caption, hashed as
+    :func:`uid_for` hashes a URL but without URL normalisation (which would drop ``#<key>``)."""
+    digest = hashlib.sha256(
+        ("source:" + source + "\n" + normalise_caption(caption)).encode("utf-8", "surrogatepass")
+    )
     return digest.hexdigest()[:32]
 
 

@@ -112,6 +112,8 @@ class ShardWriter:
             fs.makedirs(out.dropped_dir, exist_ok=True)
         # Schema metadata (pandas', an earlier phase's) would make the bytes depend on where a shard came from.
         table = table.select(canonical_order(table.column_names)).replace_schema_metadata(None)
+        # An input image the download stage did not take (a row it never saw) is no output.
+        table = table.drop_columns([c for c in ("source_image",) if c in table.column_names])
 
         tar_bytes, samples = self._tar(table)
         dropped_bytes, thumbnails = _dropped_tar(table) if self.dropped_thumbnails else (b"", 0)
