@@ -83,7 +83,22 @@ def test_text_embeddings_skip_the_padding_and_equal_open_clips(tiny_clip, monkey
     # in no order, more than two groups.
     from curate.models import clip as clip_module
 
-    words = "a small red house by the lake under a grey sky with two boats".split()
+    words = [
+        "a",
+        "small",
+        "red",
+        "house",
+        "by",
+        "the",
+        "lake",
+        "under",
+        "a",
+        "grey",
+        "sky",
+        "with",
+        "two",
+        "boats",
+    ]
     rng = np.random.default_rng(0)
     captions = [" ".join(rng.choice(words, size=int(n))) for n in rng.permutation(70) % 20]
     model = ClipModel.load(f"local-dir:{tiny_clip}", "random")
