@@ -152,7 +152,11 @@ def test_webdataset_samples_become_rows_with_the_download_stages_statuses(tmp_pa
     assert repeat["error"] == "key 000000000 repeats sample 0 of this tar"
     # Counts reconcile: every input row once.
     summary = collect_output(OutputFolder(str(tmp_path / "out-p")))
-    assert (summary.counts["rows"], summary.counts["kept"], sum(summary.counts["status"].values())) == (8, 3, 8)
+    assert (summary.counts["rows"], summary.counts["kept"], sum(summary.counts["status"].values())) == (
+        8,
+        3,
+        8,
+    )
     # The output is WebDataset that webdataset itself reads.
     tars = sorted(str(p) for p in (tmp_path / "out-p" / "shards").glob("*.tar"))
     samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
@@ -191,6 +195,24 @@ def test_uid_col_keeps_the_sources_ids_and_refuses_a_repeat(tmp_path, cli):
     r = cli("run", _pipeline(tmp_path, folder, uid_col="uid", name="again"), "-q")
     assert r.code == 2 and "2.tar" in r.err and uids[0] in r.err and "0.tar" in r.err
     assert not (tmp_path / "out-again").exists()
+
+
+def test_a_gzipped_tar_reads_as_the_plain_one(tmp_path, cli):
+    members = _img2dataset_like(tmp_path / "plain")[-3:]
+    (tmp_path / "gz").mkdir()
+    with tarfile.open(tmp_path / "gz" / "00001.tar.gz", "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    r = cli("run", _pipeline(tmp_path, tmp_path / "gz", name="gz"), "-q")
+    assert r.code == 0, r
+    (row,) = _rows(tmp_path / "out-gz").values()
+    assert (row["status"], row["caption"], row["source"]) == (
+        "ok",
+        "un carré vert",
+        "00001.tar.gz#sub/000010000",
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_a_tar"])

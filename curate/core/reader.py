@@ -238,7 +238,10 @@ class InputReader:
             index = sources.scan_tar(path)
             if col == "key":
                 return [key for key, _ in index.samples]
-            table = sources.read_tar(path, 0, index.count, root=self.root, fs=self.fs, caption_field=None)
+            values = sources.json_field(path, col)
+            if all(v is None for v in values) and values:
+                raise InputError(f"{path}: no sample's json has {col!r} (input.uid_col)")
+            return [None if v is None else str(v) for v in values]
         elif self._format(path) == "parquet":
             try:
                 with self.fs.open(path, "rb") as f:

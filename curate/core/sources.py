@@ -58,6 +58,7 @@ __all__ = [
     "folder_rows",
     "image_values",
     "is_image_file",
+    "json_field",
     "read_tar",
     "scan_tar",
     "source_root",
@@ -157,8 +158,10 @@ def scan_tar(path: str) -> TarIndex:
                 else:
                     samples.append((key, [entry]))
             # tarfile stops quietly at a header cut short; a member whose data runs past the end is the
-            # truncation that matters: its bytes would be made up of nothing.
-            end = raw.seek(0, io.SEEK_END) if raw.seekable() else None
+            # truncation that matters: its bytes would be made up of nothing. (A compressed tar's offsets
+            # are in the decompressed stream; a cut stream fails to decompress instead.)
+            plain = tar.fileobj is raw
+            end = raw.seek(0, io.SEEK_END) if plain and raw.seekable() else None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise InputError(f"{path}: not a readable tar file: {e}") from None
     if end is not None:
@@ -261,6 +264,24 @@ def _sidecar_metadata(tar_path: str) -> dict[str, dict[str, Any]]:
     if "key" not in table.column_names:
         return {}
     return {str(r["key"]): r for r in table.to_pylist() if r.get("key") is not None}
+
+
+def json_field(path: str, field: str) -> list[Any]:
+    """``field`` of every sample's json object in the tar, in sample order (None where a sample has no json,
+    a json that is no object, or no such field): read from the json members only, not the images."""
+    values: list[Any] = []
+    with fsspec.open(path, "rb", compression="infer") as f:
+        for _key, members in scan_tar(path).samples:
+            where = next(((offset, size) for ext, offset, size in members if ext == "json"), None)
+            value = None
+            if where is not None:
+                try:
+                    meta = json.loads(_read_member(f, *where).decode("utf-8", "replace"))
+                    value = meta.get(field) if isinstance(meta, dict) else None
+                except (ValueError, OSError):
+                    value = None
+            values.append(value)
+    return values
 
 
 # --- folders -----------------------------------------------------------------------------------------
