@@ -16,6 +16,11 @@ written to ``<output>/dedup/<stage name>.parquet`` with a summary beside it.
 Exact groups fold into their best row first; perceptual and semantic pairs are found among those rows, and
 one walk in keep order (:func:`curate.kit.duplicates.resolve`) decides, so every dropped row points to a kept one.
 Decontamination runs before dedup, so a row is never kept for being the best copy of an evaluation image.
+
+A run that grows (new input) or a ``curate retry`` fits again over every row of the run, the finished
+shards' rows read from their sidecars, with the same keep order: a new row that beats a kept one makes it
+its duplicate (its shard is rewritten), as one run over all the rows would; a row dropped before is never
+brought back. The rule and its limits: :mod:`curate.core.grow`.
 """
 
 from __future__ import annotations

@@ -161,9 +161,11 @@ def test_an_ivf_index_reports_its_recall_and_appends(runs, tmp_path):
     assert len(r) == info["count"] and r.info["search_params"] == info["expected_recall"]["params"]
     for row in range(0, len(r), 7):  # a vector is in its nearest list, which is always probed
         x = r.embedding(row)
-        hits = r.search_embedding(x, 3)
+        hits = r.search_embedding(x, 10)
+        # The world's re-encoded copies embed within float16's precision of each other: a row's copies can
+        # outrank it by 1e-4, so it is looked for among the hits as close as it is to itself.
         assert hits[0].score >= float(x @ x) - 1e-5 and row in [
-            h.id for h in hits if h.score >= hits[0].score - 1e-4
+            h.id for h in hits if h.score >= float(x @ x) - 1e-3
         ]
 
 

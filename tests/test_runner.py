@@ -230,3 +230,24 @@ def test_a_global_stage_waits_for_failed_shards(tmp_path):
     assert first.shards_failed.keys() == {"00000"} and first.shards_done == []
     second = run(p)  # phase 1 redoes only shard 00000, then the fit, then every final shard
     assert second.exit_code == 0 and second.counts["kept"] == 5 and len(second.ran) == 3
+
+
+def test_new_input_files_grow_the_run_into_new_shards(tmp_path):
+    make_input(tmp_path / "in/b.parquet", 230, bad_every=11)
+    p = write_pipeline(tmp_path / "p.yaml", tmp_path / "in", tmp_path / "out", STAGES)
+    assert run(p).exit_code == 0
+    before = shard_files(tmp_path / "out")
+    make_input(tmp_path / "in/a.parquet", 120, seed=1)  # sorts before b.parquet: old shards must not move
+    summary = run(p)
+    assert summary.exit_code == 0 and summary.ran == ["00003", "00004"] and summary.shards_total == 5
+    assert {k: v for k, v in shard_files(tmp_path / "out").items() if k[:5] < "00003"} == before
+    side = sidecars(tmp_path / "out")
+    assert sorted(side["input_index"].to_pylist()) == list(range(350)) and summary.counts["rows"] == 350
+    first_new = side.filter(pc.equal(side["input_index"], 230)).to_pylist()[0]
+    assert "number 0" in first_new["caption"] and "images.example.com/1/" in first_new["url"]
+    info = json.loads((tmp_path / "out/run.json").read_text())
+    assert [(g["first_shard"], g["shards"], g["rows"]) for g in info["inputs"]] == [
+        ("00000", 3, 230),
+        ("00003", 2, 120),
+    ]
+    assert run(p).ran == []  # resumes the grown run as it is

@@ -47,13 +47,18 @@ def build(
 @index_app.command("add")
 def add(
     index: Annotated[str, typer.Argument(help="The index folder.")],
-    output: Annotated[str, typer.Argument(help="Output folder of another run made with the same CLIP.")],
+    output: Annotated[
+        str, typer.Argument(help="Output folder of another run made with the same CLIP, or of one it holds.")
+    ],
 ) -> None:
-    """Append the kept samples of another run, without rebuilding."""
+    """Append the kept samples of another run, without rebuilding. A run the index holds already (grown or
+    retried since) is brought up to date: its new kept samples are added, those it no longer keeps removed."""
     info = add_to_index(index, output, progress=lambda m: err.print(m, highlight=False))
     s = info["sources"][-1]
+    removed = f", removed {s['removed']:,} it no longer keeps" if s.get("removed") else ""
     out.print(
-        f"added {s['added']:,} samples from {s['path']}; {index}: {describe_index(info)}", highlight=False
+        f"added {s['added']:,} samples from {s['path']}{removed}; {index}: {describe_index(info)}",
+        highlight=False,
     )
 
 

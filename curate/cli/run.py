@@ -28,12 +28,24 @@ def run(
         bool, typer.Option(help="Keep finished shards of a run with another config and go on.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")] = False,
+    add: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--add",
+            help="Add an input (a file, a glob or a folder) to the run: only its rows are read, into new shards; "
+            "run.json keeps it for later runs. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
-    """Run a pipeline. Running it again resumes: finished shards are skipped."""
+    """Run a pipeline. Running it again resumes: finished shards are skipped. Input that is new since (files
+    that now match input.path, or --add) grows the run: only the new rows are read, into new shards, and a
+    global stage (dedup) decides them against the rows the run has kept."""
     from curate.core.runner import run_pipeline
 
     config = load_pipeline(pipeline, sets, executor, address)
-    summary = run_pipeline(config, overwrite=overwrite, resume_anyway=resume_anyway, show_progress=not quiet)
+    summary = run_pipeline(
+        config, overwrite=overwrite, resume_anyway=resume_anyway, show_progress=not quiet, add=add or []
+    )
     if summary.shards_failed:
         err.print(
             f"[red]{len(summary.shards_failed)} shard(s) failed: {', '.join(sorted(summary.shards_failed))}"

@@ -13,6 +13,10 @@ run from string pieces. The layout::
     work/phase<k>/<id>.arrow   a shard between two phases (a global stage cuts the pipeline in phases);
                                removed once the run finishes
     global/<stage>/            a global stage's fitted state; ``_done`` in it, written last, marks it fitted
+                               (and names the shards it was fitted on); ``previous/`` in it holds the state
+                               before a grown run or a retry decided again, until the shards are rewritten
+    work/redecide/<stage>/     the finished shards as they were at the global stage, while it decides
+                               again (curate.core.grow)
     dedup/<stage>.parquet      a dedup stage's decisions, and ``.json`` its summary, for users to read
     report/report.html         the run report (curate.tools.report), ``report.json`` its numbers, and
     report/preview.html        what ``curate preview`` draws
@@ -58,6 +62,7 @@ __all__ = [
     "GLOBAL",
     "INDEX",
     "OWNED",
+    "PREVIOUS",
     "REPORT",
     "RUN_JSON",
     "SHARDS",
@@ -88,6 +93,8 @@ TAKEDOWN = "takedown"
 STATS_SUFFIX = "_stats.json"
 FAILED_SUFFIX = "_failed.json"
 DONE = "_done"
+PREVIOUS = "previous"
+REDECIDE = "redecide"
 AUDIT = "audit.jsonl"
 PENDING = "pending.json"
 
@@ -203,6 +210,16 @@ class OutputFolder:
     def global_done(self, stage: str) -> str:
         """The marker written once the global stage has fitted."""
         return self.file(GLOBAL, stage, DONE)
+
+    def global_previous(self, stage: str) -> str:
+        """The global stage's state as it was before it decided again over a grown or retried run: kept
+        until every shard it changes is rewritten (``_done`` in it marks a complete copy)."""
+        return self.file(GLOBAL, stage, PREVIOUS)
+
+    def redecide_dir(self, stage: str) -> str:
+        """Where the finished shards wait as they were at the global stage while it decides again
+        (``<id>.arrow``, read like a phase's shards)."""
+        return self.file(WORK, REDECIDE, stage)
 
     @property
     def dedup_dir(self) -> str:

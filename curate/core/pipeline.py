@@ -292,16 +292,22 @@ def _kept(table: pa.Table) -> int:
 
 
 class PhaseShards:
-    """What a global stage's ``fit`` sees: the shards as the stages before it left them."""
+    """What a global stage's ``fit`` sees: the shards as the stages before it left them.
 
-    def __init__(self, output_path: str, phase_dir: str, ids: list[str]):
+    ``elsewhere`` names shards that wait in another folder (shard id -> folder): the finished shards of a
+    grown or retried run, as they were at the global stage (:mod:`curate.core.grow`)."""
+
+    def __init__(
+        self, output_path: str, phase_dir: str | None, ids: list[str], elsewhere: dict[str, str] | None = None
+    ):
         self.output_path = output_path
         self.phase_dir = phase_dir
         self.ids = ids
+        self.elsewhere = elsewhere or {}
 
     def read(self, shard_id: str, columns: list[str] | None = None) -> pa.Table:
         fs, _ = filesystem(self.output_path)
-        path = f"{self.phase_dir}/{shard_id}.arrow"
+        path = f"{self.elsewhere.get(shard_id, self.phase_dir)}/{shard_id}.arrow"
         if isinstance(fs, LocalFileSystem):  # memory-mapped, zero-copy: only what fit touches is read
             table = pa.ipc.open_file(pa.memory_map(path)).read_all()
         else:

@@ -1,4 +1,5 @@
-"""Changing an index folder: build one over runs, append another run, remove samples (a takedown).
+"""Changing an index folder: build one over runs, append another run (or bring up to date a run it holds,
+which grew or was retried since), remove samples (a takedown).
 
 Each change writes new parts and a new FAISS file under names not in use, then ``index.json`` (the commit
 point, :mod:`curate.index.store`), and only then removes the files it replaced.
@@ -127,20 +128,32 @@ def add_to_index(
     progress: Callable[[str], None] | None = None,
     recall_sample: int = 1000,
 ) -> dict[str, Any]:
-    """Append the kept samples of another run to an index, without retraining or rebuilding: the new vectors
-    go into the trained index, a new metadata/embeddings part is written, and recall is measured again."""
+    """Append the kept samples of a run to an index, without retraining or rebuilding: the new vectors go
+    into the trained index, a new metadata/embeddings part is written, and recall is measured again.
+
+    A run the index already holds is brought up to date: after it grew (``curate run --add``, new input
+    files) or was retried, its samples that are no longer kept (a new row beat them in dedup) are removed
+    first (:func:`remove_from_index`), then its new kept samples are added. The source entry records both
+    (``added``, ``removed``)."""
     load_faiss()  # no FAISS: say so before reading anything
     say = progress or (lambda msg: None)
     folder = Path(index_path)
     info = read_info(folder)
     rows = read_run(output, say)
     check_compatible(info["clip"], info["dimension"], rows, output)
+    gone = _no_longer_kept(folder, info, rows)
+    if gone:
+        say(f"removing {len(gone):,} samples of {rows.source['path']} that it no longer keeps")
+        remove_from_index(folder, gone, counter="no_longer_kept")
+        info = read_info(folder)
     seen: set[str] = set()
     for p in info["parts"]:
         seen.update(read_metadata(folder, p, columns=["uid"])["uid"].to_pylist())
     rows = unique_new(rows, seen)
     source = len(info["sources"])
-    info["sources"].append({**rows.source, "added": rows.meta.num_rows, "skipped": rows.skipped})
+    info["sources"].append(
+        {**rows.source, "added": rows.meta.num_rows, "skipped": rows.skipped, "removed": len(gone)}
+    )
     if len(rows.vectors):
         index = read_faiss(folder, info)
         say(f"adding {len(rows.vectors):,} vectors from {rows.source['path']}")
@@ -163,14 +176,31 @@ def add_to_index(
     return info
 
 
-def remove_from_index(index_path: str | Path, uids: set[str]) -> dict[str, Any]:
+def _no_longer_kept(folder: Path, info: dict[str, Any], rows: RunRows) -> set[str]:
+    """The uids the index holds from the run of ``rows`` (a source of the same path) that the run no longer
+    keeps."""
+    sources = [i for i, s in enumerate(info["sources"]) if s.get("path") == rows.source["path"]]
+    if not sources:
+        return set()
+    kept = set(rows.meta["uid"].to_pylist())
+    held: set[str] = set()
+    for p in info["parts"]:
+        meta = read_metadata(folder, p, columns=["uid", "source"])
+        mine = np.isin(np.asarray(meta["source"].to_pylist()), sources)
+        held.update(np.asarray(meta["uid"].to_pylist(), object)[mine].tolist())
+    return held - kept
+
+
+def remove_from_index(index_path: str | Path, uids: set[str], counter: str = "taken_down") -> dict[str, Any]:
     """Remove the samples with these uids from an index: their vectors, metadata rows and embeddings.
 
     FAISS ids are row numbers over the parts, so every part from the first one touched is written again
     under a new name with the remaining rows (ids renumbered), and the trained FAISS index is emptied
     (``reset()``, no retraining) and given the remaining float16 vectors again: for ``Flat`` exactly the index
     a build without those samples makes. ``index.json`` is written last and the old files go after it, so a
-    takedown killed midway leaves the index as it was. Returns ``{"removed": [uids], "files": [...]}``."""
+    takedown killed midway leaves the index as it was. ``counter``: the count in ``index.json`` the removed
+    samples add to (``taken_down``; ``no_longer_kept`` for samples a grown run dropped). Returns
+    ``{"removed": [uids], "files": [...]}``."""
     load_faiss()
     folder = Path(index_path)
     info = read_info(folder)
@@ -216,7 +246,7 @@ def remove_from_index(index_path: str | Path, uids: set[str]) -> dict[str, Any]:
     info["faiss_file"] = write_faiss(folder, index, info["generation"])
     info["count"] = int(index.ntotal)
     info["parts"] = parts
-    info["taken_down"] = info.get("taken_down", 0) + len(removed)
+    info[counter] = info.get(counter, 0) + len(removed)
     write_info(folder, info)
     for p in old:
         p.unlink(missing_ok=True)

@@ -4,6 +4,16 @@ For each finished shard with such rows, the rows go through the pipeline's stage
 the input; every other row of the shard keeps what it had (its image comes back from the tar). The shard is
 then rewritten with the usual atomic writer. Its completion marker is removed first, so a retry killed
 midway leaves a shard that ``curate run`` redoes from the input; nothing is half-updated.
+
+With a global stage (dedup), the retried rows go through the stages before it, are then decided against
+the whole run (every row of it, as one run would: :mod:`curate.core.grow` decides again from the finished
+shards' sidecars, scoring nothing again), then go through the stages after it. The rule where a recovered
+row would displace a row the run kept is the one a single run applies: the same keep order. A recovered
+row that beats a kept row by the keep order is kept and the other row becomes its duplicate, its shard
+rewritten (its other columns as they were); a recovered row that loses is dropped as a duplicate of the
+kept one; a row dropped before stays dropped. The whole run must be finished first (``curate run``), and
+the pipeline must have one global stage and no stage after it that drops rows. A retry killed after
+deciding leaves the state from before in ``global/<stage>/previous/``; ``curate retry`` again finishes it.
 """
 
 from __future__ import annotations
@@ -14,12 +24,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
 from curate.base import ConfigError
 from curate.core.config import parse_config
+from curate.core.grow import Changes, Redecision, apply_changes, read_shard, redecidable, rewrite_shard
 from curate.core.output import OutputFolder, collect_output
 from curate.core.pipeline import Pipeline
 from curate.core.schema import COLUMNS, CORE_COLUMNS
@@ -57,17 +69,28 @@ def retry_output(
     raw = {**info["config"], "output": {**info["config"].get("output", {}), "path": out.path}}
     config = parse_config(raw, source=out.as_given(out.run_json_path))
     pipeline = Pipeline(config)
-    if any(isinstance(b.stage, GlobalStage) for b in pipeline.stages):
-        raise ConfigError(
-            [
-                (
-                    "OUTPUT",
-                    "this pipeline has a whole-dataset stage; retried rows would miss its decision. "
-                    "Rerun the failed rows with `curate run` into a new output instead",
-                )
-            ]
-        )
     match = status_matcher(list(statuses or DEFAULT_STATUSES))
+    if any(isinstance(b.stage, GlobalStage) for b in pipeline.stages):
+        summary = _retry_with_global(pipeline, out, match, console)
+    else:
+        summary = _retry(pipeline, out, match, console)
+    total = collect_output(out)
+    info.setdefault("retries", []).append(
+        {
+            "at": _now(),
+            "statuses": list(statuses or DEFAULT_STATUSES),
+            "rows": summary.rows,
+            "recovered": summary.recovered,
+            "shards": summary.shards,
+        }
+    )
+    info["counts"] = total.counts
+    out.write_run(info)
+    return summary
+
+
+def _retry(pipeline: Pipeline, out: OutputFolder, match: re.Pattern, console: Console) -> RetrySummary:
+    """Retry in a pipeline without a global stage: each shard on its own."""
     job = pipeline.job(0)
     summary = RetrySummary()
     fs = out.fs
@@ -80,7 +103,7 @@ def retry_output(
             continue
         start = time.perf_counter()
         has_images = any("image" in b.stage.writes for b in pipeline.stages)
-        table = _with_images(sidecar, out, shard) if has_images else sidecar
+        table = read_shard(out, shard, images=True) if has_images else sidecar
         fresh = _as_input(table.take(picked))
         timings: dict[str, Any] = {}
         redone = job.apply(pipeline.stages, fresh, timings)
@@ -107,34 +130,97 @@ def retry_output(
                 summary.still[s] = summary.still.get(s, 0) + 1
         console.print(f"shard {shard}: {recovered}/{len(picked)} rows recovered")
 
-    total = collect_output(out)
-    info.setdefault("retries", []).append(
-        {
-            "at": _now(),
-            "statuses": list(statuses or DEFAULT_STATUSES),
-            "rows": summary.rows,
-            "recovered": summary.recovered,
-            "shards": summary.shards,
-        }
-    )
-    info["counts"] = total.counts
-    out.write_run(info)
+    return summary
+
+
+def _picked(out: OutputFolder, shard: str, match: re.Pattern) -> list[int]:
+    with out.fs.open(out.shard_parquet(shard), "rb") as f:
+        statuses = pq.read_table(f, columns=["status"])["status"].to_pylist()
+    return [i for i, s in enumerate(statuses) if s and match.match(s)]
+
+
+def _retry_with_global(
+    pipeline: Pipeline, out: OutputFolder, match: re.Pattern, console: Console
+) -> RetrySummary:
+    """Retry in a pipeline with a global stage: the retried rows through the stages before it, one new
+    decision of it over the whole run, then the retried rows through the stages after it; every shard
+    with a retried row or a changed decision is rewritten (see the module docstring)."""
+    bound = redecidable(pipeline, "curate retry")
+    done = collect_output(out)
+    if done.exit_code != 0:
+        raise ConfigError(
+            [
+                (
+                    "OUTPUT",
+                    f"{out.path}: {done.shards_total - len(done.shards_done)} of {done.shards_total} shard(s) are "
+                    f"not finished; the global stage {bound.name!r} decides over every shard, so finish the "
+                    "run first (`curate run` again), then retry",
+                )
+            ]
+        )
+    phases = pipeline.phases()
+    before, after = phases[0], phases[1][1:]
+    job = pipeline.job(0)
+    images = any("image" in b.stage.writes for b in pipeline.stages)
+    shards = out.finished_shards()
+    start = time.perf_counter()
+    # The retried rows as they come to the global stage, by shard: (positions, rows).
+    redone: dict[str, tuple[list[int], pa.Table]] = {}
+    for shard in shards:
+        picked = _picked(out, shard, match)
+        if picked:
+            table = read_shard(out, shard, images)
+            redone[shard] = (picked, job.apply(before, _as_input(table.take(picked)), {}))
+
+    def load(shard: str) -> tuple[pa.Table, np.ndarray]:
+        table = read_shard(out, shard, images)
+        fresh = np.zeros(table.num_rows, bool)
+        if shard in redone:
+            positions, rows = redone[shard]
+            table = _replace_rows(table, positions, rows)
+            fresh[positions] = True
+        return table, fresh
+
+    changes: dict[str, Changes] = {}
+    decision = None
+    if redone:
+        decision = Redecision(pipeline, bound, "retry")
+        changes = decision.decide(shards, load, [], None, bound.stage.fit)
+    summary = RetrySummary()
+    for shard in sorted(set(redone) | set(changes)):
+        table = apply_changes(load(shard)[0], changes.get(shard))
+        if shard in redone:
+            positions, rows = redone[shard]
+            assert decision is not None and decision.new is not None  # noqa: S101 - decided above
+            rows = job.apply([*after], decision.new(rows), {})  # as they left the stages before
+            table = _replace_rows(table, positions, rows)
+            recovered = sum(1 for s in rows["status"].to_pylist() if s == "ok")
+            seconds = time.perf_counter() - start
+            note = (
+                "retries",
+                {"rows": len(positions), "recovered": recovered, "at": _now(), "seconds": seconds},
+            )
+            summary.shards.append(shard)
+            summary.rows += len(positions)
+            summary.recovered += recovered
+            for s in rows["status"].to_pylist():
+                if s != "ok":
+                    summary.still[s] = summary.still.get(s, 0) + 1
+            console.print(f"shard {shard}: {recovered}/{len(positions)} rows recovered")
+        else:
+            note = ("redecided", {"at": _now(), "by": "retry", "rows": len(changes[shard].positions)})
+        if shard in changes:
+            console.print(
+                f"shard {shard}: {len(changes[shard].positions)} row(s) decided again by {bound.name!r}"
+            )
+        rewrite_shard(pipeline, shard, table, note)
+    if decision is not None:
+        decision.finish()
     return summary
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _with_images(sidecar: pa.Table, out: OutputFolder, shard: str) -> pa.Table:
-    """The sidecar with its ``image`` column back: kept rows' images from the shard's tar, and dropped rows'
-    thumbnails from its dropped/ audit tar (none when output.dropped_thumbnails is off), so that rewriting
-    the shard keeps them (a thumbnail of a thumbnail is the same picture)."""
-    images: dict[str, bytes] = {}
-    for which in ("tar", "dropped"):
-        images |= {uid: data for uid, (data, _) in out.images(shard, which).items()}
-    column = pa.array([images.get(u) for u in sidecar["uid"].to_pylist()], pa.binary())
-    return sidecar.append_column("image", column)
 
 
 def _as_input(rows: pa.Table) -> pa.Table:
