@@ -5,9 +5,11 @@ and completed by a rerun after a crash."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tarfile
+import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -15,12 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
+from PIL import Image, ImageOps
 from support.data import make_tiny_clip
 
 import curate.tools.takedown
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline
 from curate.index import Retriever, build_index
+from curate.kit.hashing import pdq_hash
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def base(tmp_path_factory, world_server):
     pq.write_table(world.input_table(server.url), tmp / "in.parquet")
     clip = make_tiny_clip(tmp / "clip")
     stages = [
-        _download(server),
+        {**_download(server), "pdq": True},
         {"stage": "clip_score", "model": f"local-dir:{clip}", "torch_threads": 1, "decode_threads": 1},
         {"stage": "filter", "rules": ["width >= 64"]},  # drops nothing: dropped/ gets thumbnails from dedup
         {"stage": "dedup", "exact": True, "perceptual": False, "semantic": False, "keep": []},
@@ -133,6 +137,42 @@ def _run_blocklist(tmp, server, config):
     out = tmp / "listed"
     _run(tmp, "listed", out, [_download(server), {"stage": "blocklist", **config}])
     return out
+
+
+def test_md5_and_pdq_lists_block_the_images_and_their_flipped_copies(base):
+    tmp, out, world, server = base
+    rows = [r for r in sidecars(out).to_pylist() if r["status"] == "ok"]
+    truth = {r["uid"]: r["kind"] for r in world.truth_table(server.url).to_pylist()}
+    by_sha = Counter(r["sha256"] for r in rows)
+    single = [r for r in rows if truth[r["uid"]] == "clean" and by_sha[r["sha256"]] == 1]
+    md5_row, pdq_row, flipped_row = single[4], single[5], single[6]
+    # The lists as a child-safety hotline or Meta's tools would make them: md5 of the bytes, PDQ of the image.
+    body = {r["uid"]: urllib.request.urlopen(r["url"]).read() for r in (md5_row, pdq_row, flipped_row)}
+    (tmp / "md5.txt").write_text(hashlib.md5(body[md5_row["uid"]]).hexdigest() + "\n")
+    original = Image.open(io.BytesIO(body[pdq_row["uid"]]))
+    mirrored = ImageOps.mirror(Image.open(io.BytesIO(body[flipped_row["uid"]])))
+    (tmp / "pdq.txt").write_text(f"pdq:{pdq_hash(original)[0]}\n{pdq_hash(mirrored)[0]}\n")
+    out2 = tmp / "listed-pdq"
+    stages = [
+        {**_download(server), "pdq": True},
+        {"stage": "blocklist", "md5": [str(tmp / "md5.txt")], "pdq": [str(tmp / "pdq.txt")]},
+    ]
+    _run(tmp, "listed-pdq", out2, stages)
+    got = {r["uid"]: r for r in sidecars(out2).to_pylist()}
+    blocked = {u: got[u]["blocklist_match"] for u in got if got[u]["drop_reason"] == "blocklisted"}
+    same_md5 = {r["uid"] for r in rows if r["sha256"] == md5_row["sha256"]}
+    assert {u for u, m in blocked.items() if m.startswith("md5:")} == same_md5
+    assert (
+        blocked[pdq_row["uid"]] == f"pdq:{tmp / 'pdq.txt'}" and got[pdq_row["uid"]]["blocklist_distance"] == 0
+    )
+    # Listed as its mirror image: found through its dihedral hashes.
+    assert blocked[flipped_row["uid"]] == f"pdq_dihedral:{tmp / 'pdq.txt'}"
+    assert got[flipped_row["uid"]]["blocklist_distance"] <= 31
+    assert len(got[pdq_row["uid"]]["pdq"]) == 64 and 0 <= got[pdq_row["uid"]]["pdq_quality"] <= 100
+    # No false positives among the other clean, distinct images.
+    others = {r["uid"] for r in single[7:]}
+    assert not others & set(blocked) - same_md5
+    _reconciles(out2)
 
 
 def test_blocklist_config_errors_name_the_file_and_line(tmp_path):
@@ -250,6 +290,26 @@ def test_takedown_removes_samples_everywhere_and_is_audited(base, cli, tmp_path)
         and not second["removed_anything"]
         and sorted(second["already_taken_down"]) == sorted(victims)
     )
+
+
+def test_takedown_by_md5_and_by_pdq_within_metas_threshold(base, tmp_path):
+    run, _ = _copy(base, "takedown-hashes")
+    rows = [r for r in sidecars(run).to_pylist() if r["status"] == "ok" and r["drop_reason"] is None]
+    by_md5, by_pdq = rows[0], rows[1]
+    # A PDQ hash 20 bits off the row's (a re-encoded copy as someone else hashed it) still matches.
+    near = bytearray(bytes.fromhex(by_pdq["pdq"]))
+    for bit in range(0, 160, 8):
+        near[bit // 8] ^= 1
+    far = bytes(b ^ 0xFF for b in bytes.fromhex(rows[2]["pdq"])).hex()
+    (tmp_path / "hashes.txt").write_text(f"md5:{by_md5['md5']}\npdq:{bytes(near).hex()}\npdq:{far}\n")
+    _, hashes = curate.tools.takedown.read_request(None, str(tmp_path / "hashes.txt"))
+    record = curate.tools.takedown.takedown(str(run), hashes=hashes, source="test")
+    assert record["found"] == sorted(
+        {r["uid"] for r in sidecars(run).to_pylist() if r["md5"] == by_md5["md5"]} | {by_pdq["uid"]}
+    )
+    assert record["hashes_not_found"] == [far]
+    after = {r["uid"]: r for r in sidecars(run).to_pylist()}
+    assert after[by_pdq["uid"]]["drop_reason"] == "takedown" and after[by_pdq["uid"]]["pdq"] == by_pdq["pdq"]
 
 
 def test_a_takedown_killed_midway_is_completed_by_a_rerun(base, monkeypatch, tmp_path):

@@ -70,8 +70,10 @@ def download(server, paths, **cfg):
 
 def test_every_column_written_is_a_field_of_the_processed_image():
     # The stage copies each column of ``writes`` from the field of the same name.
-    assert set(Download.writes) <= {f.name for f in dataclasses.fields(Processed)}
-    assert Download.writes[:2] == ("status", "error")  # in place; the others are appended in this order
+    writes = Download(DownloadConfig(pdq=True)).writes
+    assert set(writes) <= {f.name for f in dataclasses.fields(Processed)}
+    assert writes[:2] == ("status", "error")  # in place; the others are appended in this order
+    assert {"pdq", "pdq_quality"} & set(Download().writes) == set()  # only when asked for
 
 
 def test_rows_not_downloaded_keep_their_status_and_get_nulls(server):
@@ -90,7 +92,7 @@ def test_rows_not_downloaded_keep_their_status_and_get_nulls(server):
     )
     (row,) = stage(t).to_pylist()
     assert (row["status"], row["error"]) == ("invalid_url", "from the reader")
-    assert all(row[c] is None for c in Download.writes[2:])
+    assert all(row[c] is None for c in stage.writes[2:])
 
 
 def test_good_images_of_every_kind(server):

@@ -1,11 +1,17 @@
-"""Hash lists: sha256 digests and pHashes of images that must never be in a corpus (CSAM hash lists, takedown
-requests, an earlier run's takedowns), read from files and matched against rows.
+"""Hash lists: digests and perceptual hashes of images that must never be in a corpus (CSAM hash lists,
+takedown requests, an earlier run's takedowns), read from files and matched against rows.
 
 A list is a text file, one hash per line; ``#`` starts a comment, blank lines are skipped, case does not
-matter. A sha256 is 64 hex digits (of the downloaded bytes, as the download stage's ``sha256``), a pHash 16
-(``curate.kit.hashing.phash``, as ``phash`` / ``phash_mirror``). A line may say its kind, ``sha256:<hex>`` or
-``phash:<hex>``; without a prefix the length tells. A ``.parquet`` list holds a ``sha256`` or ``phash``
-column instead (nulls skipped). Paths may be local or any fsspec URL.
+matter. The kinds, as the download stage writes them:
+
+- ``sha256``: 64 hex digits, of the downloaded bytes;
+- ``md5``: 32 hex digits, of the downloaded bytes (the form most child-safety lists are shared in);
+- ``phash``: 16 hex digits, imagehash's ``phash`` of the original image (``curate.kit.hashing.phash``);
+- ``pdq``: 64 hex digits, Meta's PDQ of the original image, in the reference's hex form.
+
+A line may say its kind (``md5:<hex>``, ``pdq:<hex>``, ...); without a prefix the length tells, and 64 digits
+mean sha256 unless the list is read as a PDQ list (a blocklist's ``pdq:`` files). A ``.parquet`` list holds
+columns named after the kinds instead (nulls skipped). Paths may be local or any fsspec URL.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import pyarrow.parquet as pq
 from curate.base import HashListError
 from curate.core.storage import filesystem
 
-__all__ = ["HASH_LENGTH", "HashKind", "parse_hash", "read_hash_list", "read_hashes"]
+__all__ = ["HASH_LENGTH", "KINDS", "HashKind", "parse_hash", "read_hash_list", "read_hashes"]
 
-HashKind = Literal["sha256", "phash"]
-HASH_LENGTH: dict[str, int] = {"sha256": 64, "phash": 16}
+HashKind = Literal["sha256", "md5", "phash", "pdq"]
+HASH_LENGTH: dict[str, int] = {"sha256": 64, "md5": 32, "phash": 16, "pdq": 64}
+KINDS: tuple[str, ...] = ("sha256", "md5", "phash", "pdq")
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-def parse_hash(text: str, kinds: tuple[str, ...] = ("sha256", "phash")) -> tuple[str, str]:
+def parse_hash(text: str, kinds: tuple[str, ...] = KINDS) -> tuple[str, str]:
     """``(kind, lower-case hex)`` of one entry; raises ValueError with what is expected."""
     value = text.strip().lower()
     kind, sep, rest = value.partition(":")
@@ -41,7 +48,7 @@ def parse_hash(text: str, kinds: tuple[str, ...] = ("sha256", "phash")) -> tuple
     raise ValueError(f"{text.strip()!r} is not {want}")
 
 
-def read_hashes(path: str, kinds: tuple[str, ...] = ("sha256", "phash")) -> dict[str, list[str]]:
+def read_hashes(path: str, kinds: tuple[str, ...] = KINDS) -> dict[str, list[str]]:
     """Every hash in the file at ``path`` by kind, in file order, without repeats."""
     fs, root = filesystem(path)
     if not fs.isfile(root):

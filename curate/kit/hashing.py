@@ -1,9 +1,16 @@
 """Perceptual hashes of images and the Hamming arithmetic on them.
 
-``phash`` is the DCT hash of imagehash (and of pHash.org, simplified): the image in grey, shrunk to 32x32,
-its 2-D DCT-II, the top-left 8x8 block of low frequencies, one bit per coefficient: above the block's median
-or not. Re-encoding, resizing and mild colour changes move few bits; a crop, a flip or another picture moves
-many. The hash is stored as 16 hex digits (``phash`` column) and compared as ``uint64``.
+``phash`` is imagehash's ``phash`` bit for bit (and pHash.org's DCT hash, simplified): the image converted to
+grey by Pillow, shrunk to 32x32 with Lanczos, its 2-D DCT-II, the top-left 8x8 block of low frequencies, one
+bit per coefficient: above the block's median or not; the hex string is imagehash's ``str()`` of it. So a
+pHash list made with imagehash from the original files matches (the download stage hashes the original, not
+the stored copy). Re-encoding, resizing and mild colour changes move few bits; a crop, a flip or another
+picture moves many. Stored as 16 hex digits (``phash`` column), compared as ``uint64``.
+
+``pdq_hash`` is Meta's PDQ (256 bits and a quality from 0 to 100) through the ``pdqhash`` package, which
+compiles Meta's reference C++ (the ``pdq`` extra); its hex string is the reference's (word 15 first).
+:class:`PdqIndex` matches PDQ hashes within a Hamming distance (31 is Meta's recommended threshold), and
+:func:`pdq_dihedral` gives the eight rotations and flips PDQ defines.
 """
 
 from __future__ import annotations
@@ -14,7 +21,18 @@ import itertools
 import numpy as np
 from PIL import Image
 
-__all__ = ["HashIndex", "chunk_bounds", "hamming", "hex_to_uint64", "phash", "phashes", "popcount64"]
+__all__ = [
+    "HashIndex",
+    "PdqIndex",
+    "chunk_bounds",
+    "hamming",
+    "hex_to_uint64",
+    "pdq_dihedral",
+    "pdq_hash",
+    "phash",
+    "phashes",
+    "popcount64",
+]
 
 _SIDE, _LOW = 32, 8
 
@@ -39,7 +57,7 @@ def phashes(img: Image.Image) -> tuple[str, str]:
     the mirror's hash costs nothing more. Comparing one image's hash with another's mirror hash finds flipped
     copies, as Facebook's PDQ does with its dihedral hashes.
     """
-    grey = img.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    grey = img.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS)  # exactly as imagehash
     pixels = np.asarray(grey, dtype=np.float64)
     m = _dct_matrix(_SIDE)
     low = (m @ pixels @ m.T)[:_LOW, :_LOW]
@@ -50,6 +68,80 @@ def phashes(img: Image.Image) -> tuple[str, str]:
 def _bits(low: np.ndarray) -> str:
     bits = (low > np.median(low)).ravel()
     return f"{int(np.packbits(bits).view('>u8')[0]):016x}"
+
+
+def _pdqhash():
+    try:
+        import pdqhash
+    except ImportError as e:
+        raise ImportError("PDQ hashes need the pdqhash package: pip install 'curate[pdq]'") from e
+    return pdqhash
+
+
+def _pdq_hex(bits: np.ndarray) -> str:
+    # pdqhash's vector runs from bit 255 down to bit 0: packed big-endian it is the reference's hex.
+    return np.packbits(np.asarray(bits, np.uint8)).tobytes().hex()
+
+
+def _pdq_pixels(img: Image.Image) -> np.ndarray:
+    # As Meta's own Python signal does (threatexchange's pdq_from_bytes): the decoded file at full size, as
+    # RGB, no EXIF rotation.
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), np.uint8))
+
+
+def pdq_hash(img: Image.Image) -> tuple[str, int]:
+    """Meta's PDQ hash of an image, as 64 hex digits, and its quality (0-100; below 50 the hash says little:
+    flat or tiny images)."""
+    bits, quality = _pdqhash().compute(_pdq_pixels(img))
+    return _pdq_hex(bits), int(quality)
+
+
+def pdq_dihedral(img: Image.Image) -> tuple[list[str], int]:
+    """The PDQ hashes of the eight dihedral transforms of ``img`` from one DCT, in pdqhash's order (the
+    original, rotated 90, 180, 270, flipped vertically, horizontally, rotated 90 and flipped each way), and
+    the quality."""
+    hashes, quality = _pdqhash().compute_dihedral(_pdq_pixels(img))
+    return [_pdq_hex(h) for h in hashes], int(quality)
+
+
+def pdq_words(values: list[str]) -> np.ndarray:
+    """64-hex-digit PDQ hashes as an ``[n, 4]`` array of ``uint64``."""
+    raw = b"".join(bytes.fromhex(v) for v in values)
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(-1, 4)
+
+
+class PdqIndex:
+    """A fixed list of PDQ hashes, queried for the nearest within ``max_distance`` bits, exactly.
+
+    Brute force over 256-bit words in blocks: a shard of 10,000 rows against a list of 100,000 hashes is a
+    few seconds of CPU. The lists this is for (takedown and child-safety lists) are that size; a list of
+    millions would want FAISS's binary indexes."""
+
+    def __init__(self, hashes: list[str], max_distance: int = 31):
+        self.words = pdq_words(hashes) if hashes else np.zeros((0, 4), np.uint64)
+        self.max_distance = max_distance
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def nearest(self, queries: list[str], block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+        """For each query: the position of the closest listed hash within ``max_distance`` (-1 when none;
+        ties go to the first) and its distance (-1 when none)."""
+        q = pdq_words(queries) if queries else np.zeros((0, 4), np.uint64)
+        best = np.full(len(q), -1, np.int64)
+        dist = np.full(len(q), -1, np.int32)
+        if not len(self.words) or not len(q):
+            return best, dist
+        step = max(1, block // max(len(self.words), 1))
+        for start in range(0, len(q), step):
+            qb = q[start : start + step]
+            d = popcount64(qb[:, None, :] ^ self.words[None, :, :]).sum(axis=-1)
+            pos = d.argmin(axis=1)
+            near = d[np.arange(len(qb)), pos]
+            hit = near <= self.max_distance
+            best[start : start + len(qb)][hit] = pos[hit]
+            dist[start : start + len(qb)][hit] = near[hit]
+        return best, dist
 
 
 def hex_to_uint64(values: list[str | None] | np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from curate.kit.hashing import phashes
+from curate.kit.hashing import pdq_dihedral, phashes
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 EncodeFormat = Literal["jpg", "webp", "png", "original"]
@@ -59,6 +59,7 @@ class ImageOptions:
     formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
     encode_format: EncodeFormat = "jpg"
     encode_quality: int = 95
+    pdq: bool = False
 
 
 @dataclass
@@ -71,14 +72,29 @@ class Processed:
     orig_width: int | None = None
     orig_height: int | None = None
     sha256: str | None = None
+    md5: str | None = None
     mime: str | None = None
     phash: str | None = None
     phash_mirror: str | None = None
+    pdq: str | None = None
+    pdq_quality: int | None = None
+    pdq_dihedral: list[str] | None = None
 
 
 def process(data: bytes, opt: ImageOptions) -> Processed:
-    """Everything from downloaded bytes to the stored image, with the status of the taxonomy."""
+    """Everything from downloaded bytes to the stored image, with the status of the taxonomy.
+
+    The hashes are of the original: sha256 and md5 of the bytes; pHash (and PDQ) of the image as decoded,
+    before EXIF rotation, resize or borders, so that they equal what imagehash (and Meta's PDQ) compute
+    from the same file and match the hash lists published with those tools."""
     digest = hashlib.sha256(data).hexdigest()
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    result = _process(data, opt, digest)
+    result.md5 = md5
+    return result
+
+
+def _process(data: bytes, opt: ImageOptions, digest: str) -> Processed:
     kind = sniff(data)
     if kind is None:
         head = data[:32].decode("latin-1").strip().lower()
@@ -116,7 +132,7 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
             if opt.encode_format == "original":
                 _load(img)  # decodes: proves the bytes are a whole, valid image
                 base.image, base.width, base.height = data, ow, oh
-                base.phash, base.phash_mirror = phashes(to_rgb(ImageOps.exif_transpose(img)))
+                _hash_original(img, base, opt)
                 return base
             # Refused before decoding: an extreme aspect ratio under keep_ratio (1x60000 becomes 256x15M), or
             # a side the encoder cannot store (WebP 16383, JPEG 65500), would fail or exhaust memory later.
@@ -130,11 +146,11 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
                     f"{ow}x{oh} would be stored as {out_w}x{out_h}: {why}",
                 )
                 return base
-            scale = _scale(ow, oh, opt)
-            if fmt == "jpeg" and scale < 1:
-                img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+            # Decoded at full size (no libjpeg DCT scaling): the pHash of the original must be the bits
+            # imagehash gives, and a reduced decode moves some of them.
             img.seek(0)  # first frame of an animation
             _load(img)
+            _hash_original(img, base, opt)
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
             img = resize(img, opt)
@@ -144,8 +160,15 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
         return Processed("decode_error", f"{type(e).__name__}: {e}", sha256=digest, mime=mime)
     base.image = encode(img, opt)
     base.width, base.height = img.size
-    base.phash, base.phash_mirror = phashes(img)
     return base
+
+
+def _hash_original(img: Image.Image, out: Processed, opt: ImageOptions) -> None:
+    """pHash and its mirror (and PDQ with its quality) of the decoded original, as stored in the file."""
+    out.phash, out.phash_mirror = phashes(img)
+    if opt.pdq:
+        hashes, out.pdq_quality = pdq_dihedral(img)
+        out.pdq, out.pdq_dihedral = hashes[0], hashes[1:]
 
 
 def _load(img: Image.Image) -> None:

@@ -1,15 +1,16 @@
 """Take samples down from a finished run: ``curate takedown OUTPUT --uids FILE | --hashes FILE``.
 
 What is asked: uids (one per line, ``#`` comments; or a .parquet with a ``uid`` column), or hashes
-(:mod:`curate.kit.hash_lists` format: ``sha256:`` / ``phash:`` prefixes or the length tell the kind), which match
-every row with that sha256, or whose ``phash`` or ``phash_mirror`` is exactly that pHash. For each finished
+(:mod:`curate.kit.hash_lists` format: ``sha256:``, ``md5:``, ``phash:``, ``pdq:`` prefixes or the length tell the
+kind), which match every row with that sha256 or md5, whose ``phash`` or ``phash_mirror`` is exactly that
+pHash, or whose ``pdq`` is within ``PDQ_DISTANCE`` bits of that PDQ hash (Meta's threshold). For each finished
 shard (one with ``_stats.json``) that holds a matched row:
 
 1. ``shards/<id>.tar``: the row's members (``<uid>.jpg|png|webp``, ``.json``, ``.txt``) are removed;
 2. ``shards/<id>.parquet``: the row stays (every input row is still accounted for) with
    ``drop_reason = takedown``, and every column that could carry the picture or point to it is nulled: the
    URL, the captions (alt-text and VLM/LLM captions describe the image), the error text, embeddings and any
-   other list column. Kept: uid, input_index, status, the hashes (sha256, phash, phash_mirror: what a
+   other list column. Kept: uid, input_index, status, the hashes (sha256, md5, phash, phash_mirror, pdq: what a
    blocklist needs to keep the image out of the next run), sizes, mime and numeric scores;
 3. ``dropped/<id>.tar``: the row's audit thumbnail and json are removed;
 4. ``shards/<id>_stats.json``: counts recomputed from the sidecar (the row moves to ``takedown``), last.
@@ -50,10 +51,13 @@ from curate.core.output import OutputFolder, collect_output
 from curate.core.storage import filesystem, is_object_store, read_json, write_atomic, write_json_atomic
 from curate.core.writer import shard_counts
 from curate.kit.hash_lists import read_hashes
+from curate.kit.hashing import PdqIndex
 
 __all__ = ["REASON", "read_uids", "takedown"]
 
 REASON = "takedown"
+# PDQ hashes of a request match rows within this many of 256 bits: Meta's recommended threshold.
+PDQ_DISTANCE = 31
 # Columns a taken-down row keeps; others are nulled unless numeric scalars (scores, counts).
 KEEP = frozenset(
     {
@@ -62,8 +66,10 @@ KEEP = frozenset(
         "status",
         "drop_reason",
         "sha256",
+        "md5",
         "phash",
         "phash_mirror",
+        "pdq",
         "mime",
         "width",
         "height",
@@ -155,7 +161,8 @@ def _open_run(output: str) -> OutputFolder:
 def _plan(run: OutputFolder, request: dict[str, Any], index: Path | None) -> dict[str, Any]:
     """Which rows the request matches, and what each file holds of them now (with its sha256)."""
     wanted_uids = set(request["uids"])
-    sha, ph = set(request["sha256"]), set(request["phash"])
+    exact = set(request["sha256"]) | set(request.get("md5", [])) | set(request["phash"])
+    pdqs = PdqIndex(request.get("pdq", []), PDQ_DISTANCE)
     found: set[str] = set()
     matched_hashes: set[str] = set()
     shards: dict[str, dict[str, Any]] = {}
@@ -164,14 +171,23 @@ def _plan(run: OutputFolder, request: dict[str, Any], index: Path | None) -> dic
         with run.fs.open(run.shard_files(shard)["parquet"], "rb") as f:
             names = pq.read_schema(f).names
             f.seek(0)
-            cols = [c for c in ("uid", "drop_reason", "sha256", "phash", "phash_mirror") if c in names]
+            cols = [
+                c
+                for c in ("uid", "drop_reason", "sha256", "md5", "phash", "phash_mirror", "pdq")
+                if c in names
+            ]
             t = pq.read_table(f, columns=cols).to_pydict()
+        near: dict[int, str] = {}
+        if len(pdqs) and "pdq" in t:
+            rows = [i for i, v in enumerate(t["pdq"]) if v is not None]
+            found_at, _ = pdqs.nearest([t["pdq"][i] for i in rows])
+            near = {i: request["pdq"][f] for i, f in zip(rows, found_at, strict=True) if f >= 0}
         hits = set()
         for i, uid in enumerate(t["uid"]):
-            row_hashes = {t[c][i] for c in ("sha256", "phash", "phash_mirror") if c in t} - {None}
-            if uid in wanted_uids or row_hashes & (sha | ph):
+            row_hashes = {t[c][i] for c in ("sha256", "md5", "phash", "phash_mirror") if c in t} - {None}
+            if uid in wanted_uids or row_hashes & exact or i in near:
                 hits.add(uid)
-                matched_hashes |= row_hashes & (sha | ph)
+                matched_hashes |= row_hashes & exact | ({near[i]} if i in near else set())
                 if t["drop_reason"][i] == REASON:
                     already.add(uid)
         if not hits:
@@ -189,7 +205,7 @@ def _plan(run: OutputFolder, request: dict[str, Any], index: Path | None) -> dic
     plan: dict[str, Any] = {
         "found": sorted(found),
         "not_found": sorted(wanted_uids - found),
-        "hashes_not_found": sorted((sha | ph) - matched_hashes),
+        "hashes_not_found": sorted((exact | set(request.get("pdq", []))) - matched_hashes),
         "shards": shards,
     }
     plan["already_taken_down"] = sorted(already)
@@ -341,7 +357,8 @@ def takedown(
     source: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Take the rows with these ``uids``, or these hashes (``{"sha256": [...], "phash": [...]}``), down from
+    """Take the rows with these ``uids``, or these hashes (``{"sha256": [...], "md5": [...], "phash": [...],
+    "pdq": [...]}``), down from
     the run in ``output`` and from its index; returns the audit record written. See the module's doc."""
     say = progress or (lambda msg: None)
     run = _open_run(output)
@@ -352,6 +369,7 @@ def takedown(
         "uids": sorted(set(uids or [])),
         "sha256": sorted(set(hashes.get("sha256", []))),
         "phash": sorted(set(hashes.get("phash", []))),
+        **{kind: sorted(set(hashes[kind])) for kind in ("md5", "pdq") if hashes.get(kind)},
         "reason": reason,
         "index": str(index) if index is not None else None,
         "source": source,
