@@ -32,6 +32,7 @@ def _register_builtin() -> None:
     from curate.stages.clip_score import ClipScore
     from curate.stages.dedup import Dedup
     from curate.stages.download import Download
+    from curate.stages.faces import Faces
     from curate.stages.filter import ThresholdFilter
     from curate.stages.fuse_captions import FuseCaptions
     from curate.stages.nsfw import Nsfw
@@ -46,6 +47,7 @@ def _register_builtin() -> None:
         ClipScore,
         Dedup,
         Download,
+        Faces,
         ThresholdFilter,
         FuseCaptions,
         Nsfw,

@@ -10,6 +10,7 @@ has no scores, no dedup, no captions):
 - failed downloads by domain (link rot);
 - time and samples per second per stage;
 - a histogram of every score column, kept and dropped rows stacked, with the run's filter thresholds drawn;
+- faces (the ``faces`` stage): images with faces, faces found, faces per image, images blurred;
 - image grids: kept samples, dropped samples per reason, duplicate pairs (the dropped copy next to the
   original it duplicates), and captions side by side (alt-text, VLM, fused).
 
@@ -57,6 +58,7 @@ SECTIONS = (
     ("domains", "Failures by domain"),
     ("stages", "Time per stage"),
     ("scores", "Score histograms"),
+    ("faces", "Faces"),
     ("kept", "Kept samples"),
     ("dropped", "Dropped samples by reason"),
     ("duplicates", "Duplicate pairs"),
@@ -67,6 +69,7 @@ KNOWN_SCORES = ("clip_score", "aesthetic_score", "nsfw_score", "watermark_score"
 NOT_SCORES = ("dup_similarity",)
 CAPTION_COLUMNS = ("caption", "caption_vlm", "caption_fused")
 CAPTION_MODELS = {"caption_vlm": "caption_vlm_model", "caption_fused": "caption_fused_model"}
+FACE_COLUMNS = ("face_count", "face_error", "face_blurred")
 BINS = 40
 
 
@@ -205,6 +208,7 @@ def _scan(
     result: dict[str, Any] = {
         "domains": [],
         "scores": {},
+        "faces": None,
         "samples": {"kept": [], "dropped": {}, "duplicate_pairs": [], "captions": []},
         "columns": [],
     }
@@ -216,7 +220,7 @@ def _scan(
     result["columns"] = [c for c in (*CAPTION_COLUMNS, "dup_of") if c in names]
     scores = _score_columns(schema, filters)
     wanted = ["uid", "url", "status", "drop_reason", "width", "dup_of", "dup_kind", "dup_similarity"]
-    wanted += [*CAPTION_COLUMNS, *CAPTION_MODELS.values(), *scores]
+    wanted += [*CAPTION_COLUMNS, *CAPTION_MODELS.values(), *scores, *FACE_COLUMNS]
     wanted = [c for c in dict.fromkeys(wanted) if c in names]
 
     failed: Counter = Counter()
@@ -224,6 +228,7 @@ def _scan(
     statuses: dict[str, Counter] = {}
     values: dict[str, list[np.ndarray]] = {c: [] for c in scores}
     kept_masks: dict[str, list[np.ndarray]] = {c: [] for c in scores}
+    faces = _FaceCounts() if "face_count" in names else None
     samples = result["samples"]
     for shard in shards:
         with out.fs.open(out.shard_parquet(shard), "rb") as f:
@@ -237,6 +242,8 @@ def _scan(
             present = ok & ~np.isnan(v)
             values[c].append(v[present])
             kept_masks[c].append(kept[present])
+        if faces is not None:
+            faces.add(t, ok, kept)
 
         # The samples the grids show, found with vectorised masks: a run of millions of rows never loops
         # over them in Python. Dropped rows have thumbnails only when they had an image.
@@ -307,8 +314,58 @@ def _scan(
         v = np.concatenate(values[c]) if values[c] else np.zeros(0)
         k = np.concatenate(kept_masks[c]) if kept_masks[c] else np.zeros(0, dtype=bool)
         result["scores"][c] = _score_stats(v, k, thresholds.get(c, []))
+    if faces is not None:
+        result["faces"] = faces.to_dict()
     _locate_originals(out, shards, samples["duplicate_pairs"])
     return result
+
+
+@dataclass
+class _FaceCounts:
+    """The faces stage's numbers over ok rows: rows with a face_count, images with faces, faces found (all and
+    in kept rows), images per count, rows with a face_error, images blurred."""
+
+    counted: int = 0
+    with_faces: int = 0
+    faces: int = 0
+    kept_with_faces: int = 0
+    kept_faces: int = 0
+    unknown: int = 0
+    blurred: int = 0
+    blur: bool = False
+    per_image: Counter = field(default_factory=Counter)
+
+    def add(self, t: pa.Table, ok: np.ndarray, kept: np.ndarray) -> None:
+        if "face_count" not in t.column_names:
+            return
+        count = t["face_count"].to_numpy(zero_copy_only=False)
+        known = ok & _np(pc.is_valid(t["face_count"]))
+        n = np.where(known, np.nan_to_num(count.astype(np.float64)), 0).astype(np.int64)
+        self.counted += int(known.sum())
+        self.with_faces += int((n > 0).sum())
+        self.faces += int(n.sum())
+        self.kept_with_faces += int(((n > 0) & kept).sum())
+        self.kept_faces += int(n[kept].sum())
+        self.per_image.update(min(int(x), 5) for x in n[known])
+        if "face_error" in t.column_names:
+            self.unknown += int((ok & _np(pc.is_valid(t["face_error"]))).sum())
+        if "face_blurred" in t.column_names:
+            self.blur = True
+            self.blurred += int((ok & _np(pc.fill_null(t["face_blurred"], False))).sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.counted,
+            "with_faces": self.with_faces,
+            "faces": self.faces,
+            "kept_with_faces": self.kept_with_faces,
+            "kept_faces": self.kept_faces,
+            "unknown": self.unknown,
+            "blur": self.blur,
+            "blurred": self.blurred,
+            # Images by number of faces; "5" counts five or more.
+            "per_image": {str(k): self.per_image[k] for k in sorted(self.per_image)},
+        }
 
 
 def _round(v: Any) -> Any:
@@ -419,6 +476,7 @@ def render_html(report: RunReport) -> str:
         "domains": _domains_html(d),
         "stages": _stages_html(d),
         "scores": _scores_html(d),
+        "faces": _faces_html(d),
         "kept": _kept_html(d, report.images),
         "dropped": _dropped_html(d, report.images),
         "duplicates": _pairs_html(d, report.images),
@@ -545,6 +603,29 @@ def _scores_html(d: dict[str, Any]) -> str:
             f"{escape(rules)}</p></div>"
         )
     return "<div class='row'>" + "".join(parts) + "</div>"
+
+
+def _faces_html(d: dict[str, Any]) -> str:
+    f = d.get("faces")
+    if not f:
+        return _absent("this run has no faces stage")
+    rows = f["rows"] or 1
+    numbers = [
+        ["images looked at", f["rows"], ""],
+        ["images with faces", f["with_faces"], f"{100 * f['with_faces'] / rows:.1f}%"],
+        ["faces found", f["faces"], ""],
+        ["kept images with faces", f["kept_with_faces"], ""],
+        ["faces in kept images", f["kept_faces"], ""],
+        ["images blurred", f["blurred"] if f["blur"] else "blur off", ""],
+        ["no boxes (face_error)", f["unknown"], ""],
+    ]
+    left = table(["", "rows", "share"], numbers, {1, 2})
+    labels = [f"{k}{'+' if k == '5' else ''} face(s)" for k in f["per_image"]]
+    plot = bar_chart(labels, list(f["per_image"].values()), KEPT_COLOUR) if labels else ""
+    return (
+        f"<div class='row'><div>{left}<p>ok rows; images with a face_error (too small, bad boxes) have no "
+        f"count</p></div><div>{plot}</div></div>"
+    )
 
 
 def _card(images: dict[str, bytes], uid: str, lines: list[tuple[str, str]]) -> str:
