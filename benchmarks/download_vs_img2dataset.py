@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
-PEER_VENV = REPO / ".bench-venv"
+PEER_VENV = REPO / ".bench-venv" / "img2dataset"  # shared with tests/support/peers.py
 IMG2DATASET = "img2dataset==1.47.0"
 CURATE = REPO / ".venv" / "bin" / "curate"
 PIPELINE = REPO / "pipelines" / "download_only.yaml"
