@@ -5,7 +5,10 @@ CLIP stands in through ``--clip``, so the scores are real model outputs but thei
 """
 
 import json
+import tarfile
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -65,3 +68,64 @@ def test_demo_matches_its_ground_truth(tmp_path, cli, executor, request):
     # The retrieval index is built over the kept samples, and one text query shows its neighbours.
     index = json.loads((tmp_path / "demo/index/index.json").read_text())
     assert index["count"] > 0 and "retrieval index:" in r.out + r.err
+
+    # It ends with what to look at: the report, a query to run, and the comparison (not trained here).
+    end = r.out[r.out.index("what to look at") :]
+    assert f"{tmp_path / 'demo'}/run/report/report.html" in end.replace("\n", "")
+    assert "curate index query" in end and "not trained (--train-steps 0)" in end
+
+
+def test_two_runs_over_the_same_world_give_the_same_rows_and_numbers(tmp_path, cli):
+    """The world's server listens on a new port each time; the uids come from a port-free address
+    (input.uid_col), so the rows, their order, every decision and every printed number are the same."""
+    clip = make_tiny_clip(tmp_path / "clip")
+    (clip / "curate_calibration.json").write_text(json.dumps({"threshold": 0.05}))
+    outs = []
+    for name in ("first", "second"):
+        r = cli("demo", "--output", tmp_path / name, "--size", 80, "--clip", clip, "--train-steps", 0)
+        assert r.code == 0, r
+        outs.append(r.out)
+    a, b = sidecars(tmp_path / "first/run"), sidecars(tmp_path / "second/run")
+    assert a["url"].to_pylist() != b["url"].to_pylist()  # two servers, two ports
+    # Left out: the URLs (and error messages, which may quote one), and the tiny RANDOM captioners' words:
+    # their logits are so flat that float rounding in a batched matmul can flip a token. The demo trains on
+    # the alt-text (train_caption: alt), so its numbers do not depend on them.
+    noise = [c for c in a.column_names if c in ("url", "error", "caption_vlm", "caption_fused")]
+    a, b = a.drop_columns(noise), b.drop_columns(noise)
+    assert a.column_names == b.column_names
+    for name in a.column_names:  # scores agree to float rounding (threaded matmuls); everything else exactly
+        x, y = a[name].to_pylist(), b[name].to_pylist()
+        if pa.types.is_floating(a.schema.field(name).type):
+            assert [v is None for v in x] == [v is None for v in y], name
+            np.testing.assert_allclose([v or 0 for v in x], [v or 0 for v in y], atol=1e-6, err_msg=name)
+        elif pa.types.is_list(a.schema.field(name).type):  # embeddings, in float16
+            for u, v in zip(x, y, strict=True):
+                assert (u is None) == (v is None), name
+                if u is not None:
+                    np.testing.assert_allclose(u, v, atol=1e-3, err_msg=name)
+        else:
+            assert x == y, name
+    for tar in sorted((tmp_path / "first/run/shards").glob("*.tar")):
+        with tarfile.open(tar) as x, tarfile.open(tmp_path / "second/run/shards" / tar.name) as y:
+            assert x.getnames() == y.getnames()
+            for m in x.getnames():
+                if not m.endswith(".json"):  # the json holds the url
+                    assert x.extractfile(m).read() == y.extractfile(m).read(), m
+    numbers = [
+        [line for line in out.splitlines() if line.startswith(prefix)]
+        for out in outs
+        for prefix in ("download statuses", "mismatched captions", "text overlays", "duplicates removed")
+    ]
+    assert numbers[:4] == numbers[4:] and all(numbers)
+
+
+def test_the_comparison_interval_is_a_seeded_paired_bootstrap():
+    from curate.demo.train_compare import paired_interval
+
+    rng = np.random.default_rng(1)
+    raw = rng.random(128).tolist()
+    curated = [x + 0.1 + rng.normal(0, 0.05) for x in raw]
+    ci = paired_interval([*curated, None], [*raw, 0.5])  # a prompt one model skipped is left out
+    assert ci["n"] == 128 and ci["low"] < ci["diff"] < ci["high"]
+    assert abs(ci["diff"] - 0.1) < 0.02 and ci["high"] - ci["low"] < 0.03
+    assert paired_interval(curated, raw) == paired_interval(curated, raw)  # seeded: the same every time

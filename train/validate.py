@@ -114,6 +114,9 @@ def validate(trainer, denoiser, step: int) -> dict[str, Any]:
             m["clip_score"] = clip_score(img_emb, txt_emb)
         if v.adherence and prompts:
             a = trainer.prompt_scorers["adherence"]([Image.fromarray(x) for x in images], prompts)
+            per_prompt = a.pop("per_prompt", None)
+            if per_prompt is not None:  # beside the metrics: for intervals over the prompts
+                result["per_prompt"] = {"adherence": per_prompt}
             m.update({f"adherence_{k}" if k != "adherence" else k: val for k, val in a.items()})
     if v.fid_samples:
         from curate.train.data import holdout_samples

@@ -68,4 +68,30 @@ def demo(
         )
         planted = ", ".join(f"{k} {f}/{n}" for k, (f, n) in d["planted_found"].items())
         out.print(f"  planted copies found, by how they were made: {planted}")
+    out.print(_look_at(output, truth), soft_wrap=True, markup=False, highlight=False)
     raise typer.Exit(summary.exit_code)
+
+
+def _look_at(output: str, report: dict) -> str:
+    """The table the demo ends with: what to open, what to run, and the comparison with its interval. Plain
+    aligned lines, so that paths and the command copy whole from any terminal."""
+    rows = [("run report", f"{output}/run/report/report.html")]
+    index = report.get("index")
+    if index:
+        query = index["prompt"].replace('"', "'")
+        rows.append(("retrieval index", f'curate index query {index["path"]} --text "{query}"'))
+    training = report.get("training")
+    ci = (training or {}).get("adherence_interval")
+    if ci:
+        rows.append(
+            (
+                "curated vs raw",
+                f"prompt adherence {ci['diff'] * 100:+.1f} points, {ci['level']:.0%} interval "
+                f"{ci['low'] * 100:+.1f} to {ci['high'] * 100:+.1f} ({ci['n']} held-out prompts, paired "
+                f"bootstrap; samples in {output}/train/curated/samples and {output}/train/raw/samples)",
+            )
+        )
+    elif training is None:
+        rows.append(("curated vs raw", "not trained (--train-steps 0)"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["what to look at:", *(f"  {name:<{width}}  {value}" for name, value in rows)])

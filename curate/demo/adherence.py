@@ -255,20 +255,25 @@ def adherence_of(images: Iterable[Image.Image | np.ndarray], prompts: Sequence[s
     """Mean of ``score`` over images and their prompts (captions or parsed ``Prompt``s).
 
     Prompts outside the world's grammar are skipped and counted in ``skipped``; ``n`` is the number scored.
-    The means are None when nothing was scored.
+    The means are None when nothing was scored. ``per_prompt`` is each prompt's adherence (None where
+    skipped), for intervals over prompts.
     """
     images = list(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     sums = dict.fromkeys((*PARTS, "extra", "adherence"), 0.0)
     n = skipped = 0
+    per_prompt: list[float | None] = []
     for image, prompt in zip(images, prompts, strict=True):
         parsed = prompt if isinstance(prompt, Prompt) else parse_prompt(prompt)
         if parsed is None:
             skipped += 1
+            per_prompt.append(None)
             continue
-        for key, value in score(parsed, analyse(image)).items():
+        scores = score(parsed, analyse(image))
+        for key, value in scores.items():
             sums[key] += value
+        per_prompt.append(float(scores["adherence"]))
         n += 1
     means = {key: (value / n if n else None) for key, value in sums.items()}
-    return {**means, "n": n, "skipped": skipped}
+    return {**means, "n": n, "skipped": skipped, "per_prompt": per_prompt}

@@ -26,6 +26,8 @@ def demo_pipeline() -> Path:
 
 
 DEMO_CLIP = "models/demo-clip"  # under the demo's output folder; trained once, then reused
+# The address the world's uids are computed from (input.uid_col), whatever port its server listens on.
+DEMO_UID_BASE = "http://world.curate.demo"
 
 
 def train_demo_clip(output: str | Path, console: Console, steps: int | None = None, seed: int = 0) -> dict:
@@ -158,12 +160,15 @@ def run_demo(
     vlm_folder, llm_folder = demo_captioners(out, console)
     with WorldServer() as server:
         world.serve(server)
-        written = world.write(out / "world", server.url)
+        # uids as if the world were always served at one address: the same world, the same uids, the same
+        # order of rows and so the same curated set and numbers, whatever port the server got.
+        written = world.write(out / "world", server.url, uid_base=DEMO_UID_BASE)
         threshold = round(float(calibration["threshold"]), 4)
         overrides = [
             f"input.path={written['input']}",
             f"output.path={out / 'run'}",
             f"stages.download.allow_private=[{server.host_port}]",
+            "input.uid_col=uid",
             f"stages.clip_score.model=local-dir:{clip_folder}",
             f"stages.quality_filter.rules.0=clip_score >= {threshold}",
             f"stages.recaption.model={vlm_folder}",

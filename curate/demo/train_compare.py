@@ -53,6 +53,7 @@ def raw_run(out: Path, input_path: Path, server_host_port: str, console) -> Path
         [
             f"input.path={input_path}",
             f"output.path={out / 'raw'}",
+            "input.uid_col=uid",  # the world's port-free uids, as the curated run's
             "shard_size=500",
             "output.report=false",
             "stages.download.concurrency=16",
@@ -78,7 +79,38 @@ def _train_one(args: tuple[str, list[str]]) -> dict[str, Any]:
     lines: list[str] = []
     summary = train(cfg, say=lines.append, progress=False, prompt_scorers={"adherence": adherence_of})
     last = json.loads(Path(cfg.output, "validation.jsonl").read_text().splitlines()[-1])
-    return {"output": cfg.output, "seconds": summary["seconds"], "metrics": last["metrics"], "log": lines}
+    return {
+        "output": cfg.output,
+        "seconds": summary["seconds"],
+        "metrics": last["metrics"],
+        "per_prompt": last.get("per_prompt", {}),
+        "log": lines,
+    }
+
+
+# The comparison's interval: a paired bootstrap over the held-out prompts (both models answer the same ones).
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def paired_interval(a: list[float | None], b: list[float | None], level: float = 0.95) -> dict[str, float]:
+    """The mean of ``a - b`` over the prompts both scored, and its percentile bootstrap interval: prompts
+    resampled with replacement (seeded, so the same scores give the same interval)."""
+    pairs = np.array([(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None], float)
+    if not len(pairs):
+        return {}
+    diff = pairs[:, 0] - pairs[:, 1]
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP_RESAMPLES, len(diff)))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return {
+        "diff": float(diff.mean()),
+        "low": float(low),
+        "high": float(high),
+        "n": len(diff),
+        "level": level,
+    }
 
 
 def train_pair(
@@ -125,6 +157,9 @@ def train_pair(
         results = {name: f.result() for name, f in futures.items()}
     seconds = time.perf_counter() - started
     report = {"seconds": seconds, "prompts": len(prompts_), **results}
+    a, b = (results[name].get("per_prompt", {}).get("adherence") for name in ("curated", "raw"))
+    if a and b:
+        report["adherence_interval"] = paired_interval(a, b)
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "train" / "comparison.json").write_text(json.dumps(report, indent=2, default=str))
     return report
@@ -149,3 +184,10 @@ def print_comparison(report: dict[str, Any], console) -> None:
             continue
         scale = 100 if key.startswith("adherence") else 1
         console.print(f"  {label:40} {a * scale:8.1f} {b * scale:8.1f} {(a - b) * scale:+8.1f}")
+    ci = report.get("adherence_interval")
+    if ci:
+        console.print(
+            f"  prompt adherence, curated - raw: {ci['diff'] * 100:+.1f} points, {ci['level']:.0%} interval "
+            f"{ci['low'] * 100:+.1f} to {ci['high'] * 100:+.1f} (paired bootstrap over {ci['n']} held-out prompts, "
+            "one training seed each)"
+        )

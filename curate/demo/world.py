@@ -136,20 +136,28 @@ class World:
         for path, (body, content_type) in self.files.items():
             server.add(path, body, content_type)
 
-    def input_table(self, base_url: str) -> pa.Table:
-        """The pipeline's input: ``url`` (base_url + path) and ``caption``."""
+    def input_table(self, base_url: str, uid_base: str | None = None) -> pa.Table:
+        """The pipeline's input: ``url`` (base_url + path) and ``caption``; with ``uid_base``, also ``uid``
+        computed as if the world were served at ``uid_base`` (for ``input.uid_col``: the same uids whatever
+        port the server got, so that runs over the same world are the same)."""
         base = base_url.rstrip("/")
-        return pa.table(
-            {
-                "url": pa.array([base + r["path"] for r in self.rows], pa.string()),
-                "caption": pa.array([r["caption"] for r in self.rows], pa.string()),
-            }
-        )
+        columns = {
+            "url": pa.array([base + r["path"] for r in self.rows], pa.string()),
+            "caption": pa.array([r["caption"] for r in self.rows], pa.string()),
+        }
+        if uid_base is not None:
+            stable = uid_base.rstrip("/")
+            columns["uid"] = pa.array(
+                [uid_for(stable + r["path"], r["caption"]) for r in self.rows], pa.string()
+            )
+        return pa.table(columns)
 
-    def truth_table(self, base_url: str) -> pa.Table:
-        """The truth rows plus ``url``, ``uid`` and ``duplicate_of_uid`` (the original's uid)."""
+    def truth_table(self, base_url: str, uid_base: str | None = None) -> pa.Table:
+        """The truth rows plus ``url``, ``uid`` and ``duplicate_of_uid`` (the original's uid); uids as the
+        input's (:meth:`input_table`)."""
         base = base_url.rstrip("/")
-        uid_of_path = {r["path"]: uid_for(base + r["path"], r["caption"]) for r in self.truth}
+        stable = (uid_base or base_url).rstrip("/")
+        uid_of_path = {r["path"]: uid_for(stable + r["path"], r["caption"]) for r in self.truth}
         columns: dict[str, list] = {
             "uid": [uid_of_path[r["path"]] for r in self.truth],
             "url": [base + r["path"] for r in self.truth],
@@ -159,13 +167,13 @@ class World:
         columns["duplicate_of_uid"] = [uid_of_path.get(r["duplicate_of"]) for r in self.truth]
         return pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
 
-    def write(self, folder: str | os.PathLike, base_url: str) -> dict[str, Path]:
+    def write(self, folder: str | os.PathLike, base_url: str, uid_base: str | None = None) -> dict[str, Path]:
         """Write ``folder/input.parquet`` and ``folder/truth.parquet``; returns {"input": ..., "truth": ...}."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"input": folder / "input.parquet", "truth": folder / "truth.parquet"}
-        pq.write_table(self.input_table(base_url), paths["input"])
-        pq.write_table(self.truth_table(base_url), paths["truth"])
+        pq.write_table(self.input_table(base_url, uid_base), paths["input"])
+        pq.write_table(self.truth_table(base_url, uid_base), paths["truth"])
         return paths
 
 
