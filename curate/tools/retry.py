@@ -47,6 +47,18 @@ class RetrySummary:
     recovered: int = 0
     still: dict[str, int] = field(default_factory=dict)
 
+    def add(self, shard: str, redone: pa.Table, console: Console) -> None:
+        """Count one shard's retried rows (``redone``: them after the stages) and say how many came back."""
+        statuses = redone["status"].to_pylist()
+        recovered = statuses.count("ok")
+        self.shards.append(shard)
+        self.rows += len(statuses)
+        self.recovered += recovered
+        for s in statuses:
+            if s != "ok":
+                self.still[s] = self.still.get(s, 0) + 1
+        console.print(f"shard {shard}: {recovered}/{len(statuses)} rows recovered")
+
 
 def status_matcher(statuses: list[str]) -> re.Pattern:
     """``http_5xx`` stands for every 5xx status; other names match exactly."""
@@ -122,13 +134,7 @@ def _retry(pipeline: Pipeline, out: OutputFolder, match: re.Pattern, console: Co
             merged,
             {"stages": old_stats.get("stages", {}), "retries": [*old_stats.get("retries", []), retried]},
         )
-        summary.shards.append(shard)
-        summary.rows += len(picked)
-        summary.recovered += recovered
-        for s in redone["status"].to_pylist():
-            if s != "ok":
-                summary.still[s] = summary.still.get(s, 0) + 1
-        console.print(f"shard {shard}: {recovered}/{len(picked)} rows recovered")
+        summary.add(shard, redone, console)
 
     return summary
 
@@ -200,13 +206,7 @@ def _retry_with_global(
                 "retries",
                 {"rows": len(positions), "recovered": recovered, "at": _now(), "seconds": seconds},
             )
-            summary.shards.append(shard)
-            summary.rows += len(positions)
-            summary.recovered += recovered
-            for s in rows["status"].to_pylist():
-                if s != "ok":
-                    summary.still[s] = summary.still.get(s, 0) + 1
-            console.print(f"shard {shard}: {recovered}/{len(positions)} rows recovered")
+            summary.add(shard, rows, console)
         else:
             note = ("redecided", {"at": _now(), "by": "retry", "rows": len(changes[shard].positions)})
         if shard in changes:
