@@ -112,3 +112,59 @@ def test_threshold_separates_separable_scores():
 def test_rejects_nonsense_settings(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         tiny_clip.train_tiny_clip(tmp_path, steps=0)
+
+
+def test_pack_then_unpack_gives_the_trained_weights_byte_for_byte(trained, tmp_path):
+    """The package keeps only the token rows training moved; unpack rebuilds the rest from the seed."""
+    (folder, _), (result, _), _ = trained
+    packed = tiny_clip.pack(folder, tmp_path / "packed")
+    state = safetensors_torch.load_file(folder / tiny_clip.WEIGHTS_FILE)
+    table = state["token_embedding.weight"]
+    shipped = safetensors_torch.load_file(tmp_path / "packed" / tiny_clip.SHIPPED_WEIGHTS)
+    assert "token_embedding.weight" not in shipped
+    assert 0 < packed["moved_token_rows"] == len(shipped["token_embedding.rows"]) < table.shape[0] // 100
+    # The rows a training caption uses are among the moved ones.
+    tokenizer = __import__("open_clip").tokenizer.SimpleTokenizer(context_length=32)
+    used = set(tokenizer([_random_scene(np.random.default_rng(0)).caption])[0].tolist()) - {0}
+    assert used <= set(shipped["token_embedding.rows"].tolist())
+
+    rebuilt = tiny_clip.unpack(tmp_path / "rebuilt", tmp_path / "packed")
+    assert (
+        rebuilt
+        == packed
+        == {
+            **result,
+            "state_sha256": packed["state_sha256"],
+            "moved_token_rows": packed["moved_token_rows"],
+        }
+    )
+    assert (tmp_path / "rebuilt" / tiny_clip.WEIGHTS_FILE).read_bytes() == (
+        folder / tiny_clip.WEIGHTS_FILE
+    ).read_bytes()
+
+
+def test_unpack_refuses_a_package_that_does_not_rebuild_the_trained_state(trained, tmp_path):
+    (folder, _), _, _ = trained
+    tiny_clip.pack(folder, tmp_path / "packed")
+    calibration = tmp_path / "packed" / tiny_clip.CALIBRATION_FILE
+    data = json.loads(calibration.read_text())
+    calibration.write_text(json.dumps({**data, "seed": data["seed"] + 1}))  # another initialisation
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        tiny_clip.unpack(tmp_path / "out", tmp_path / "packed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_demo_clip_unpacks_and_tells_captions_apart(tmp_path):
+    """The model the package ships (scripts/pack_demo_clip.py) loads through open_clip's own loading code and
+    ranks a drawn scene's own caption above another scene's."""
+    info = tiny_clip.unpack(tmp_path / "clip")
+    assert info["steps"] == 450 and info["seed"] == 0 and 0 < info["threshold"] < 1
+    model = ClipModel.load(f"local-dir:{tmp_path / 'clip'}", "random", device="cpu")
+    scenes = [_random_scene(np.random.default_rng([99, i])) for i in range(24)]
+    images = model.encode_images(
+        [model.preprocess(tiny_clip._downloaded(s, i)) for i, s in enumerate(scenes)]
+    )
+    own = (images * model.encode_texts([s.caption for s in scenes])).sum(1)
+    other = (images * model.encode_texts([scenes[(i + 1) % 24].caption for i in range(24)])).sum(1)
+    assert (own > other).mean() >= 0.8
+    assert (own >= info["threshold"]).mean() >= 0.8

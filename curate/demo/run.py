@@ -60,6 +60,21 @@ def demo_clip(out: Path, console: Console) -> tuple[Path, dict]:
     calibration = folder / CALIBRATION_FILE
     if calibration.exists():
         return folder, json.loads(calibration.read_text())
+    from curate.demo.tiny_clip import shipped_folder, unpack
+
+    if (shipped_folder() / CALIBRATION_FILE).exists():
+        try:
+            info = unpack(folder)
+        except ValueError as e:
+            console.print(f"[yellow]{e}[/yellow]", highlight=False)
+        else:
+            console.print(
+                f"the demo CLIP as the package ships it ({info['steps']} steps on drawn scenes, seed "
+                f"{info['seed']}; `curate models train-demo-clip` trains it again); threshold "
+                f"{info['threshold']:.3f} calibrated on held-out scenes",
+                highlight=False,
+            )
+            return folder, info
     console.print(f"training the demo CLIP on drawn scenes (not the world's images); kept in {folder}")
     info = train_demo_clip(folder, console)
     console.print(

@@ -14,11 +14,19 @@ without them, at the default settings).
 
 The folder written loads with ``open_clip.create_model_and_transforms("local-dir:<folder>")``; the threshold
 calibrated on held-out scenes is in ``curate_calibration.json``.
+
+The package ships the model trained with the defaults (``shipped_folder()``, made by ``pack``), so that the demo does
+not spend two minutes training it on first use. It is small because almost all of the model is the token
+embedding of open_clip's 49,408-token vocabulary, and training moves only the rows of tokens its captions use
+(embeddings take no weight decay, and AdamW leaves a parameter with a zero gradient where it is): the package
+keeps those rows and every other parameter, and ``unpack`` rebuilds the rest from the seeded initialisation,
+checking the whole state against the trained model's SHA-256 before it writes anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -35,7 +43,7 @@ from PIL import Image, ImageEnhance
 from curate.demo.world import COLOURS, NOISE_RATES, SHAPES, _draw, _encode, _random_scene, _Scene, _Shape
 from curate.kit.imaging import ImageOptions, resize
 
-__all__ = ["MODEL_CFG", "train_tiny_clip"]
+__all__ = ["MODEL_CFG", "pack", "shipped_folder", "train_tiny_clip", "unpack"]
 
 MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
@@ -49,6 +57,10 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CALIBRATION_FILE = "curate_calibration.json"
+# The trained model as the package ships it (see ``pack``): trained parameters and the moved token rows.
+SHIPPED_WEIGHTS = "trained.safetensors"
+_ROWS, _VALUES = "token_embedding.rows", "token_embedding.values"
+_EMBEDDING_TABLE = "token_embedding.weight"
 
 # What the demo's download does to every image before it is scored.
 _DOWNLOAD = ImageOptions(image_size=256, resize_mode="center_crop")
@@ -118,6 +130,79 @@ def _save(folder: Path, model: Any, calibration: dict) -> None:
     config = {"model_cfg": MODEL_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (folder / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
+
+
+def shipped_folder() -> Path:
+    """The package folder that holds the shipped demo CLIP (``pack``'s output)."""
+    from importlib.resources import files
+
+    return Path(str(files("curate.demo") / "demo_clip"))
+
+
+def _initial_state(seed: int) -> dict[str, Any]:
+    """The model's parameters before training, as ``train_tiny_clip`` starts them with ``seed``."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**MODEL_CFG).state_dict()
+
+
+def _state_sha256(state: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pack(trained: str | os.PathLike, dest: str | os.PathLike) -> dict:
+    """Write the model ``train_tiny_clip`` saved in ``trained`` to ``dest`` as the package ships it: every
+    parameter but the token embedding, the token rows training moved, and the calibration with the whole
+    state's SHA-256. Returns the calibration written."""
+    from safetensors.torch import load_file, save_file
+
+    trained, dest = Path(trained), Path(dest)
+    state = load_file(trained / WEIGHTS_FILE)
+    calibration = json.loads((trained / CALIBRATION_FILE).read_text())
+    initial = _initial_state(int(calibration["seed"]))
+    moved = (state[_EMBEDDING_TABLE] != initial[_EMBEDDING_TABLE]).any(dim=1).nonzero().flatten()
+    packed = {name: tensor for name, tensor in state.items() if name != _EMBEDDING_TABLE}
+    packed[_ROWS] = moved.contiguous()
+    packed[_VALUES] = state[_EMBEDDING_TABLE][moved].contiguous()
+    calibration = {**calibration, "state_sha256": _state_sha256(state), "moved_token_rows": len(moved)}
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(packed, dest / SHIPPED_WEIGHTS)
+    (dest / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
+    return calibration
+
+
+def unpack(output: str | os.PathLike, source: str | os.PathLike | None = None) -> dict:
+    """Rebuild the packed model from ``source`` (default: the shipped one) into ``output``, in the layout
+    ``train_tiny_clip`` writes. Raises ``ValueError``, writing nothing, when the rebuilt state is not the
+    trained one (for example a torch release that initialises differently): train it instead."""
+    from safetensors.torch import load_file
+
+    source = Path(source) if source is not None else shipped_folder()
+    calibration = json.loads((source / CALIBRATION_FILE).read_text())
+    packed = load_file(source / SHIPPED_WEIGHTS)
+    state = _initial_state(int(calibration["seed"]))
+    rows, values = packed.pop(_ROWS), packed.pop(_VALUES)
+    state[_EMBEDDING_TABLE][rows] = values
+    for name, tensor in packed.items():
+        state[name] = tensor
+    if _state_sha256(state) != calibration["state_sha256"]:
+        raise ValueError(
+            f"the demo CLIP rebuilt from {source} differs from the trained one (state SHA-256 mismatch); "
+            "train it with `curate models train-demo-clip`"
+        )
+    import open_clip
+
+    model = open_clip.CLIP(**MODEL_CFG)
+    model.load_state_dict(state)
+    _save(Path(output), model, calibration)
+    return calibration
 
 
 def _train(
