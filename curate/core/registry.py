@@ -37,6 +37,8 @@ def _register_builtin() -> None:
     from curate.stages.fuse_captions import FuseCaptions
     from curate.stages.nsfw import Nsfw
     from curate.stages.recaption import Recaption
+    from curate.stages.reward import Reward
+    from curate.stages.vqa_score import VqaScore
     from curate.stages.watermark import Watermark
 
     # In this order, by module name: the order of their columns in every written table (and its bytes).
@@ -52,6 +54,8 @@ def _register_builtin() -> None:
         FuseCaptions,
         Nsfw,
         Recaption,
+        Reward,
+        VqaScore,
         Watermark,
     ):
         register(cls)

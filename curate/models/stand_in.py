@@ -199,6 +199,8 @@ def _builder(spec: WeightsSpec, config_dirs: list[Path]) -> Builder:
         return _laion_head
     if spec.local == LAION_WATERMARK.local:
         return _watermark
+    if spec.local in _reward_files():
+        return _reward_files()[spec.local]
     raise ModelNotFound(f"{spec.name}: curate cannot write a stand-in of it (no builder for {spec.local})")
 
 
@@ -578,3 +580,114 @@ def _byte_level_bpe(regular: int) -> tuple[dict[str, int], tuple[tuple[str, str]
             vocab[a + b] = len(vocab)
             merges.append((a, b))
     return vocab, tuple(merges)
+
+
+# --- reward models: PickScore (a transformers CLIP), ImageReward (BLIP + BERT + MLP) ---------------------
+
+
+@functools.cache
+def clip_bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """CLIP's real byte-level BPE (vocabulary of 49,408 and its merges), built from the file open_clip ships
+    (``bpe_simple_vocab_16e6.txt.gz``) as open_clip's ``SimpleTokenizer`` builds it: the ids are those of
+    OpenAI's ``vocab.json``, so a stand-in CLIP tokenises as the real one does."""
+    import gzip
+
+    import open_clip.tokenizer as oc_tokenizer
+
+    path = Path(oc_tokenizer.__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = tuple(tuple(line.split()) for line in lines)
+    symbols = list(_symbols_by_byte().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+def clip_tokenizer():
+    """transformers' ``CLIPTokenizer`` with CLIP's real vocabulary (:func:`clip_bpe`), without a download."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+
+
+@functools.cache
+def _reward_files() -> dict[str, Builder]:
+    """ImageReward's three files by their place in the model directory (HPS v2's checkpoint is an open_clip
+    file, written by :func:`_open_clip`)."""
+    from curate.models.reward import IMAGEREWARD_FILES
+
+    return {
+        IMAGEREWARD_FILES["checkpoint"].local: _imagereward_checkpoint,
+        IMAGEREWARD_FILES["med_config"].local: _imagereward_med_config,
+        IMAGEREWARD_FILES["vocab"].local: _bert_vocab,
+    }
+
+
+def _imagereward_checkpoint(
+    spec: WeightsSpec, tmp: Path, override: Mapping[str, Any], _dirs: list[Path]
+) -> tuple[int, str]:
+    """ImageReward.pt as published: BLIP's ViT-L/16 at 224 px (timm's names), the cross-attending BERT-base of
+    med_config.json and the MLP, as a plain state dict (``torch.load(weights_only=True)`` reads it)."""
+    import torch
+    from transformers import BlipTextModel, BlipVisionModel
+
+    from curate.models.heads import AestheticHead
+    from curate.models.reward import (
+        IMAGEREWARD_MED_CONFIG,
+        IMAGEREWARD_VIT,
+        _blip_configs,
+        imagereward_checkpoint,
+    )
+
+    vit = {**IMAGEREWARD_VIT, "intermediate": 4 * IMAGEREWARD_VIT["width"]}
+    vision_cfg, text_cfg = _blip_configs(vit, IMAGEREWARD_MED_CONFIG)
+    with torch.random.fork_rng(), _quiet_warnings():
+        torch.manual_seed(_SEED)
+        nets = (
+            BlipVisionModel(vision_cfg),
+            BlipTextModel(text_cfg, add_pooling_layer=False),
+            AestheticHead([IMAGEREWARD_MED_CONFIG["hidden_size"], 1024, 128, 64, 16, 1], [0, 2, 4, 6, 7]),
+        )
+    _save_state_dict(imagereward_checkpoint(*nets), tmp, spec.local)
+    return sum(
+        _count(n) for n in nets
+    ), "ImageReward: BLIP ViT-L/16 224 px, BERT-base with cross-attention, MLP"
+
+
+def _imagereward_med_config(
+    spec: WeightsSpec, tmp: Path, override: Mapping[str, Any], _dirs: list[Path]
+) -> tuple[int, str]:
+    from curate.models.reward import IMAGEREWARD_MED_CONFIG
+
+    _write_json(tmp, IMAGEREWARD_MED_CONFIG)
+    return 0, "ImageReward's med_config.json as published"
+
+
+# bert-base-uncased's layout: [PAD] 0, [unused0..98] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103,
+# [unused99..993] 104-998, then the word pieces, 30,522 in all.
+BERT_VOCAB_SIZE = 30522
+
+
+def _bert_vocab(
+    spec: WeightsSpec, tmp: Path, override: Mapping[str, Any], _dirs: list[Path]
+) -> tuple[int, str]:
+    """A WordPiece vocabulary with BERT's special tokens at their ids: characters, then pairs and triples of
+    lower-case letters and digits, as words and as ``##`` continuations. Generated, not learned: text takes
+    more tokens with it than with the real one (truncated at ImageReward's 35 tokens, as real text is)."""
+    tokens = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += [f"[unused{i}]" for i in range(99, 994)]
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    tokens += chars + ["##" + c for c in chars]
+    alnum = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    for n in (2, 3):
+        for parts in itertools.product(alnum, repeat=n):
+            word = "".join(parts)
+            tokens += [word, "##" + word]
+            if len(tokens) >= BERT_VOCAB_SIZE:
+                break
+        if len(tokens) >= BERT_VOCAB_SIZE:
+            break
+    tmp.write_text("\n".join(tokens[:BERT_VOCAB_SIZE]) + "\n")
+    return 0, f"BERT uncased WordPiece vocabulary of {BERT_VOCAB_SIZE} (generated)"

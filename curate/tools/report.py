@@ -65,7 +65,16 @@ SECTIONS = (
     ("captions", "Captions side by side"),
 )
 # Score columns in this order first, then any other float column (input scores such as LAION's similarity).
-KNOWN_SCORES = ("clip_score", "aesthetic_score", "nsfw_score", "watermark_score", "text_area", "ai_watermark")
+KNOWN_SCORES = (
+    "clip_score",
+    "aesthetic_score",
+    "reward_score",
+    "vqa_score",
+    "nsfw_score",
+    "watermark_score",
+    "text_area",
+    "ai_watermark",
+)
 NOT_SCORES = ("dup_similarity",)
 CAPTION_COLUMNS = ("caption", "caption_vlm", "caption_fused")
 CAPTION_MODELS = {"caption_vlm": "caption_vlm_model", "caption_fused": "caption_fused_model"}
