@@ -8,7 +8,14 @@ of 1,000. Prints images written, wall seconds, images/s and the peak memory of e
 process, and PSS, which splits them; and the ratios curate / img2dataset. Offline: nothing but
 127.0.0.1 is contacted once the peer venv exists.
 
+The server counts, per host, the most connections it held open at once: with ``--hosts N`` it serves the
+same images from N loopback addresses (127.0.0.2, 127.0.0.3, ...), each a distinct host to the tools, the
+URLs spread over them in turn, which shows curate's per-host limit (``--max-per-host``, the download
+stage's ``max_per_host``) holding while img2dataset has none; ``--delay`` makes each answer wait, as a far
+host's does, so that connections stay open long enough for the limit to matter.
+
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 5000 --json bench.json
+    .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --hosts 8 --max-per-host 2 --delay 0.2
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -193,12 +201,13 @@ def image_stats(images: list[dict]) -> dict:
     }
 
 
-def write_url_list(path: Path, images: list[dict], port: int, seed: int) -> None:
+def write_url_list(path: Path, images: list[dict], hosts: list[str], seed: int) -> None:
+    """The URL list, the images spread over ``hosts`` (``address:port``) in turn."""
     rng = np.random.default_rng(seed)
     things = ["dog", "mountain lake", "city street", "bowl of fruit", "old car", "forest path", "beach"]
     looks = ["at dusk", "in the rain", "on a sunny day", "from above", "in winter", "close up"]
     captions = [f"a photo of a {rng.choice(things)} {rng.choice(looks)}" for _ in images]
-    urls = [f"http://127.0.0.1:{port}/{i['name']}" for i in images]
+    urls = [f"http://{hosts[k % len(hosts)]}/{i['name']}" for k, i in enumerate(images)]
     pq.write_table(pa.table({"url": urls, "caption": captions}), path)
 
 
@@ -206,41 +215,89 @@ def write_url_list(path: Path, images: list[dict], port: int, seed: int) -> None
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
+    delay = 0.0  # seconds before each answer: a host far away, whose connections stay open longer
+
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def do_GET(self) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        super().do_GET()
+
+    def handle(self) -> None:
+        """Serve the connection, counting it open while it lasts (keep-alive requests included)."""
+        server: _Server = self.server  # type: ignore[assignment]
+        with server.count_lock:
+            server.active += 1
+            server.peak = max(server.peak, server.active)
+        try:
+            super().handle()
+        finally:
+            with server.count_lock:
+                server.active -= 1
 
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # the default backlog of 5 is small for 64 concurrent client threads
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_lock = threading.Lock()
+        self.active = self.peak = 0
 
 
-def _serve(folder: str, conn) -> None:
+def _serve(folder: str, conn, hosts: int, delay: float) -> None:
+    """Serve ``folder`` from 127.0.0.1, or from ``hosts`` addresses 127.0.0.2, ...; send their
+    ``address:port``; then answer each "peaks" on ``conn`` with the peak connections per host (and reset)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
-    with _Server(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder)) as httpd:
-        conn.send(httpd.server_address[1])
-        conn.close()
-        httpd.serve_forever()
+    addresses = [f"127.0.0.{2 + i}" for i in range(hosts)] if hosts else ["127.0.0.1"]
+    handler = functools.partial(type("_Handler", (_QuietHandler,), {"delay": delay}), directory=folder)
+    servers = [_Server((address, 0), handler) for address in addresses]
+    for httpd in servers:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    conn.send([f"{h.server_address[0]}:{h.server_address[1]}" for h in servers])
+    with contextlib.suppress(EOFError, OSError):
+        while conn.recv() == "peaks":
+            peaks = {}
+            for httpd in servers:
+                with httpd.count_lock:
+                    peaks[f"{httpd.server_address[0]}:{httpd.server_address[1]}"] = httpd.peak
+                    httpd.peak = httpd.active
+            conn.send(peaks)
 
 
 class ImageServer:
     """A static file server in its own process: its CPU is not in either tool's tree but shares the box."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, hosts: int = 0, delay: float = 0.0):
+        self.folder, self.hosts_count, self.delay = folder, hosts, delay
         self.process: mp.Process | None = None
-        self.port = 0
+        self.hosts: list[str] = []
+        self._conn = None
 
     def __enter__(self) -> ImageServer:
-        parent, child = mp.Pipe(duplex=False)
-        self.process = mp.Process(target=_serve, args=(str(self.folder), child), daemon=True)
+        parent, child = mp.Pipe()
+        self.process = mp.Process(
+            target=_serve, args=(str(self.folder), child, self.hosts_count, self.delay), daemon=True
+        )
         self.process.start()
         child.close()
         if not parent.poll(30):
             raise RuntimeError("the image server did not start")
-        self.port = parent.recv()
+        self.hosts, self._conn = parent.recv(), parent
         return self
 
+    def peaks(self) -> dict[str, int]:
+        """The most connections each host held at once since the last call."""
+        assert self._conn is not None
+        self._conn.send("peaks")
+        return self._conn.recv()
+
     def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
         if self.process is not None and self.process.is_alive():
             self.process.terminate()
             self.process.join(5)
@@ -279,6 +336,7 @@ class Result:
     peak_rss_mib: float
     peak_pss_mib: float
     returncode: int
+    peak_connections_per_host: int = 0  # the most any one host held open at once
 
 
 def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
@@ -372,15 +430,18 @@ def run_img2dataset(exe: Path, url_list: Path, out: Path, total: int) -> Result:
     return measure("img2dataset", cmd, out, out.with_suffix(".log"), total)
 
 
-def curate_sets(url_list: Path, out: Path, port: int) -> list[str]:
+def curate_sets(url_list: Path, out: Path, hosts: list[str], max_per_host: int | None) -> list[str]:
+    allowed = ",".join(f'"{h}"' for h in hosts)
     sets = [
         f"input.path={url_list}",
         "input.url_col=url",
         "input.caption_col=caption",
         f"output.path={out}",
         f"shard_size={SHARD_SIZE}",
-        f'stages.download.allow_private=["127.0.0.1:{port}"]',
+        f"stages.download.allow_private=[{allowed}]",
     ]
+    if max_per_host is not None:
+        sets.append(f"stages.download.max_per_host={max_per_host}")
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -400,8 +461,10 @@ def curate_problem(sets: list[str]) -> str | None:
     return "curate validate failed: " + (lines[-1] if lines else f"exit code {done.returncode}")
 
 
-def run_curate(url_list: Path, out: Path, port: int, total: int) -> Result | None:
-    sets = curate_sets(url_list, out, port)
+def run_curate(
+    url_list: Path, out: Path, hosts: list[str], total: int, max_per_host: int | None
+) -> Result | None:
+    sets = curate_sets(url_list, out, hosts, max_per_host)
     problem = curate_problem(sets)
     if problem:
         print(f"skipping curate: {problem}")
@@ -421,19 +484,29 @@ def ratios(results: dict[str, Result]) -> dict[str, float]:
     return {name: round(cur[k] / ref[k], 2) if ref[k] else float("nan") for name, k in keys.items()}
 
 
-def print_report(stats: dict, results: dict[str, Result], ratio: dict[str, float]) -> None:
+def print_report(stats: dict, results: dict[str, Result], ratio: dict[str, float], hosts: list[str]) -> None:
     print(
         f"\n{stats['count']:,} images ({stats['png']} PNG), {stats['kb_min']:.0f}-{stats['kb_max']:.0f} KB "
         f"(median {stats['kb_median']:.0f}), {stats['side_min']}-{stats['side_max']} px a side, "
         f"{stats['total_mb']:,.0f} MB; -> {IMAGE_SIZE} px center crop, JPEG q95; "
         f"{os.cpu_count()} CPUs; img2dataset {PROCESSES} processes x {THREADS} threads, "
-        f"curate as in {PIPELINE.relative_to(REPO)}\n"
+        f"curate as in {PIPELINE.relative_to(REPO)}; served by {len(hosts)} host(s)\n"
     )
-    row = "{:<12} {:>11} {:>8} {:>9} {:>13} {:>13}".format
-    print(row("tool", "images ok", "wall s", "images/s", "peak RSS MiB", "peak PSS MiB"))
+    row = "{:<12} {:>11} {:>8} {:>9} {:>13} {:>13} {:>15}".format
+    print(row("tool", "images ok", "wall s", "images/s", "peak RSS MiB", "peak PSS MiB", "peak conn/host"))
     for r in results.values():
         ok = f"{r.images_ok}/{r.images_total}"
-        print(row(r.tool, ok, f"{r.wall_s:.1f}", f"{r.images_per_s:.1f}", r.peak_rss_mib, r.peak_pss_mib))
+        print(
+            row(
+                r.tool,
+                ok,
+                f"{r.wall_s:.1f}",
+                f"{r.images_per_s:.1f}",
+                r.peak_rss_mib,
+                r.peak_pss_mib,
+                r.peak_connections_per_host,
+            )
+        )
     if ratio:
         print(
             f"\ncurate / img2dataset: throughput {ratio['throughput']:.2f}x, "
@@ -449,6 +522,11 @@ def main() -> None:
     ap.add_argument("--skip-curate", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the outputs (their folder is printed)")
     ap.add_argument("--json", type=Path, help="also save the figures here")
+    ap.add_argument(
+        "--hosts", type=int, default=0, help="serve from this many loopback addresses (127.0.0.2..)"
+    )
+    ap.add_argument("--max-per-host", type=int, help="curate's max_per_host (default: the stage's default)")
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds the server waits before each answer")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill too
 
@@ -458,14 +536,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="curate-bench-"))
     results: dict[str, Result] = {}
     try:
-        with ImageServer(folder) as server:
+        with ImageServer(folder, args.hosts, args.delay) as server:
             url_list = work / "urls.parquet"
-            write_url_list(url_list, images, server.port, args.seed)
+            write_url_list(url_list, images, server.hosts, args.seed)
             if exe is not None:
+                server.peaks()
                 results["img2dataset"] = run_img2dataset(exe, url_list, work / "img2dataset", len(images))
+                results["img2dataset"].peak_connections_per_host = max(server.peaks().values())
             if not args.skip_curate:
-                curate = run_curate(url_list, work / "curate", server.port, len(images))
+                server.peaks()
+                curate = run_curate(url_list, work / "curate", server.hosts, len(images), args.max_per_host)
                 if curate is not None:
+                    curate.peak_connections_per_host = max(server.peaks().values())
                     results["curate"] = curate
     finally:
         if args.keep:
@@ -474,7 +556,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     ratio = ratios(results)
-    print_report(stats, results, ratio)
+    print_report(stats, results, ratio, server.hosts)
     if args.json:
         doc = {
             "machine": {
@@ -489,6 +571,9 @@ def main() -> None:
                 "shard_size": SHARD_SIZE,
                 "processes": PROCESSES,
                 "threads": THREADS,
+                "hosts": len(server.hosts),
+                "server_delay_s": args.delay,
+                "curate_max_per_host": args.max_per_host,
             },
             "images": stats,
             "results": {name: asdict(r) for name, r in results.items()},

@@ -16,13 +16,20 @@ Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
 ``bad_metadata``       (input) a WebDataset sample's json is not a JSON object
 ``blocked_address``    the host resolves to a non-public address, or a redirect leads to one or to
                        another scheme; no connection is made
-``opted_out``          robots.txt disallows the path or answers 5xx, or ``X-Robots-Tag`` says noai /
-                       noimageai / noindex / noimageindex
-``http_<code>``        the final HTTP status was not 200 (4xx at once; 429 and 5xx after retries)
+``opted_out``          robots.txt disallows the path or answers 5xx, ``X-Robots-Tag`` says noai /
+                       noimageai / noindex / noimageindex, or W3C TDMRep reserves TDM rights (the
+                       ``tdm-reservation: 1`` header or a rule of ``/.well-known/tdmrep.json``);
+                       ``error`` names the rule
+``http_<code>``        the final HTTP status was not 200 (4xx at once; 429 and 5xx after retries, waiting
+                       as ``Retry-After`` asks; at once when it asks past the deadline)
 ``too_many_redirects`` more than ``max_redirects`` hops
 ``timeout``            connect or read timeout, or the total deadline per URL passed (after retries),
-                       however slowly the status line, headers or body trickle in
-``connection_error``   refused, reset, DNS or TLS failure (after retries, except DNS), a response that
+                       however slowly the status line, headers or body trickle in; also a turn at a busy
+                       host (``max_per_host``, ``per_host_rate``) that did not come within the deadline
+``tls_error``          the TLS handshake failed: a certificate that does not verify (unknown CA,
+                       expired) or names another host; ``error`` gives OpenSSL's reason; not retried
+``connection_error``   refused (by every address of the host), reset, DNS failure (after retries, except
+                       DNS), a proxy that refuses the CONNECT, a response that
                        is not HTTP or has too many or too long headers, a body shorter than its
                        Content-Length; also when the host's robots.txt could not be reached
 ``too_large``          Content-Length or the streamed body exceeded ``max_bytes``
@@ -54,8 +61,8 @@ import curate
 from curate.base import StrictModel
 from curate.core.schema import Column, is_kept
 from curate.core.stage import Stage, StageResources, set_column
-from curate.kit.imaging import ImageOptions, Processed, process
-from curate.kit.net import Fetcher, FetchPolicy
+from curate.kit.imaging import ImageOptions, Processed, accept_header, process
+from curate.kit.net import Fetcher, FetchPolicy, parse_proxy
 
 DEFAULT_USER_AGENT = f"curate/{curate.__version__} (+https://github.com/curate-data/curate#readme)"
 TRANSIENT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
@@ -74,14 +81,46 @@ class DownloadConfig(StrictModel):
     backoff: float = Field(0.5, ge=0, description="seconds before the first retry; doubles each time")
     max_redirects: int = Field(5, ge=0, le=5)
     user_agent: str = DEFAULT_USER_AGENT
-    robots_txt: bool = Field(True, description="honour robots.txt (fetched once per host)")
+    robots_txt: bool = Field(True, description="honour robots.txt (RFC 9309; fetched once per origin)")
     x_robots_tag: bool = Field(
         True, description="honour X-Robots-Tag: noai, noimageai, noindex, noimageindex"
+    )
+    tdmrep: bool = Field(
+        True,
+        description="honour W3C TDMRep: the tdm-reservation header and /.well-known/tdmrep.json (once per "
+        "origin)",
     )
     allow_private: list[str] = Field(
         default_factory=list, description="host:port entries exempt from the SSRF guard"
     )
-    formats: list[Literal["jpeg", "png", "webp", "gif", "bmp", "tiff"]] = ["jpeg", "png", "webp", "gif"]
+    dns_cache_ttl: float = Field(
+        300.0, ge=0, description="seconds a worker reuses a host's resolved addresses; 0: resolve every time"
+    )
+    max_per_host: int = Field(16, gt=0, description="connections to one host at once, per worker")
+    per_host_rate: float | None = Field(
+        None, gt=0, description="new requests to one host a second, per worker (default: no limit)"
+    )
+    proxy: str | None = Field(
+        None,
+        description="http://[user:password@]host:port carrying http and https (CONNECT) requests; unset: "
+        "HTTP_PROXY / HTTPS_PROXY of the environment",
+    )
+    proxy_env: bool = Field(
+        True, description="use HTTP_PROXY, HTTPS_PROXY and NO_PROXY (or lower case) of the environment"
+    )
+    ca_bundle: str | None = Field(
+        None,
+        description="PEM file of the CAs to trust instead of the system's (default: SSL_CERT_FILE or "
+        "the system store)",
+    )
+    formats: list[Literal["jpeg", "png", "webp", "gif", "avif", "heic", "bmp", "tiff"]] = [
+        "jpeg",
+        "png",
+        "webp",
+        "gif",
+        "avif",
+        "heic",
+    ]
     image_size: int = Field(256, gt=0)
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "border"
     resize_only_if_bigger: bool = False
@@ -117,6 +156,13 @@ class DownloadConfig(StrictModel):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"{entry!r} is not host:port, e.g. 127.0.0.1:8080")
         return entries
+
+    @field_validator("proxy")
+    @classmethod
+    def _http_proxy(cls, proxy: str | None) -> str | None:
+        if proxy:
+            parse_proxy(proxy)  # its ValueError names what is wrong
+        return proxy or None
 
     @model_validator(mode="after")
     def _original_is_not_resized(self) -> DownloadConfig:
@@ -212,7 +258,8 @@ class Download(Stage):
         decoders = c.decode_threads or os.cpu_count() or 1
         self._decoders = threading.BoundedSemaphore(decoders)
         limit_malloc_arenas(max(2, decoders))
-        self._fetcher = Fetcher(_pick(FetchPolicy, c))
+        policy = dataclasses.replace(_pick(FetchPolicy, c), accept=accept_header(c.formats))
+        self._fetcher = Fetcher(policy)
         self._image = _pick(ImageOptions, c)
 
     def _one(self, url: str | None, given: bytes | None = None) -> Processed:

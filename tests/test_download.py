@@ -16,7 +16,8 @@ import pytest
 import webdataset as wds
 from conftest import sidecars, write_pipeline
 from PIL import Image
-from support.hostile import encode, png_claiming
+from support.hostile import HostileServer, encode, png_claiming, static
+from support.tls import make_ca, server_context
 
 from curate.core.config import load_config
 from curate.core.runner import run_pipeline
@@ -384,3 +385,46 @@ def test_the_sample_world_downloads_to_its_ground_truth(tmp_path, world_server):
     sha = {r["uid"]: r["sha256"] for r in side}
     dups = [t for t in truth.values() if t["kind"] == "exact_duplicate"]
     assert dups and all(sha[t["uid"]] == sha[t["duplicate_of_uid"]] for t in dups)
+
+
+def test_avif_and_heic_are_decoded_and_the_accept_header_lists_what_is_decoded(tmp_path):
+    import pillow_heif
+
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    heic = io.BytesIO()
+    pillow_heif.from_pillow(photo).save(heic, quality=60)
+    with HostileServer() as srv:
+        srv.routes["/a.avif"] = static(encode(photo, "AVIF", quality=60, speed=10), "image/avif")
+        srv.routes["/b.heic"] = static(heic.getvalue(), "image/heic")
+        rows = download(srv, ["/a.avif", "/b.heic"], robots_txt=False, tdmrep=False)
+        only_jpeg = download(srv, ["/a.avif"], robots_txt=False, tdmrep=False, formats=["jpeg"])
+    for path, mime in (("/a.avif", "image/avif"), ("/b.heic", "image/heic")):
+        row = rows[path]
+        assert (row["status"], row["mime"]) == ("ok", mime), row
+        assert (row["orig_width"], row["orig_height"], row["width"], row["height"]) == (64, 48, 43, 32)
+        assert Image.open(io.BytesIO(row["image"])).format == "JPEG"
+    assert only_jpeg["/a.avif"]["status"] == "unsupported_format"
+    accept = [h for h in srv.heads[0].split(b"\r\n") if h.startswith(b"Accept:")]
+    assert accept == [
+        b"Accept: image/jpeg,image/png,image/webp,image/gif,image/avif,image/heic,image/heif,*/*;q=0.1"
+    ]
+    assert b"Accept: image/jpeg,*/*;q=0.1" in srv.heads[-1]
+
+
+def test_https_end_to_end_with_the_ca_bundle_of_the_config(tmp_path):
+    ca, pem = make_ca(tmp_path)
+    with HostileServer(tls=server_context(ca, "127.0.0.1")) as srv:
+        srv.routes["/ok.jpg"] = static(encode(Image.new("RGB", (64, 48), "red"), "JPEG"), "image/jpeg")
+        rows = download(srv, ["/ok.jpg"], ca_bundle=pem)
+        untrusted = download(srv, ["/ok.jpg"])
+    assert rows["/ok.jpg"]["status"] == "ok" and rows["/ok.jpg"]["width"] == 43
+    assert untrusted["/ok.jpg"]["status"] == "tls_error"
+    assert "robots.txt" in untrusted["/ok.jpg"]["error"]  # robots.txt, over TLS too, failed first
+
+
+def test_the_network_options_are_checked_in_the_config():
+    with pytest.raises(ValueError, match="is not an http://host:port proxy"):
+        DownloadConfig(proxy="socks5://127.0.0.1:1080")
+    assert DownloadConfig(proxy="proxy.internal:3128").proxy == "proxy.internal:3128"
+    with pytest.raises(ValueError):
+        DownloadConfig(max_per_host=0)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from support.hostile import encode, png_claiming
 
-from curate.kit.imaging import ImageOptions, process, sniff
+from curate.kit.imaging import ImageOptions, accept_header, process, sniff
 
 
 def decoded(p) -> Image.Image:
@@ -147,3 +147,18 @@ def test_sniff():
     assert sniff(encode(Image.new("RGB", (2, 2)), "WEBP")) == ("webp", "image/webp")
     assert sniff(b"GIF89a...") == ("gif", "image/gif")
     assert sniff(b"<svg xmlns=") is None
+
+
+def test_sniff_knows_avif_and_heif_by_their_ftyp_brands():
+    avif = encode(Image.new("RGB", (8, 8)), "AVIF", speed=10)
+    assert sniff(avif) == ("avif", "image/avif")
+    assert sniff(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic") == ("heic", "image/heic")
+    assert sniff(b"\x00\x00\x00\x14ftypmif1\x00\x00\x00\x00avif") == (
+        "avif",
+        "image/avif",
+    )  # a compatible brand
+    assert sniff(b"\x00\x00\x00\x14ftypisom\x00\x00\x00\x00mp41") is None  # an MP4 video
+
+
+def test_the_accept_header_lists_the_decoded_formats():
+    assert accept_header(["jpeg", "heic"]) == "image/jpeg,image/heic,image/heif,*/*;q=0.1"

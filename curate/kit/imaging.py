@@ -4,6 +4,11 @@ The order matters for safety and speed: the format is checked from the magic byt
 from the header and a decompression bomb is refused before any pixel is decoded; JPEGs are decoded at a
 reduced scale when the target is smaller (libjpeg's DCT scaling), which is most of the work saved.
 
+AVIF is decoded by Pillow itself (11.3 and later); HEIC/HEIF by pillow-heif, whose opener is registered
+with Pillow the first time a HEIF file is seen (:func:`_heif_opener`), so that a run without one never
+imports it. :func:`accept_header` turns the formats a run decodes into the ``Accept`` header it sends, so
+that a server that negotiates (a CDN choosing AVIF, WebP or JPEG for a client) picks one of them.
+
 Resize modes follow img2dataset: ``no``; ``keep_ratio`` (the smaller side becomes ``image_size``);
 ``keep_ratio_largest`` (the larger side does); ``center_crop`` (smaller side, then a centred square);
 ``border`` (larger side, then black borders to a square).
@@ -11,6 +16,7 @@ Resize modes follow img2dataset: ``no``; ``keep_ratio`` (the smaller side become
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import warnings
@@ -37,6 +43,30 @@ _MAGIC = (
 )
 
 
+# ISO base media files (HEIF and AVIF) open with an ``ftyp`` box: a major brand and compatible brands.
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+MIME_TYPES = {
+    "jpeg": ("image/jpeg",),
+    "png": ("image/png",),
+    "webp": ("image/webp",),
+    "gif": ("image/gif",),
+    "bmp": ("image/bmp",),
+    "tiff": ("image/tiff",),
+    "avif": ("image/avif",),
+    "heic": ("image/heic", "image/heif"),
+}
+
+
+def _ftyp_brands(data: bytes) -> set[bytes]:
+    """The major and compatible brands of an ISO BMFF ``ftyp`` box at the start of ``data`` (empty if none)."""
+    if data[4:8] != b"ftyp":
+        return set()
+    size = int.from_bytes(data[:4], "big")
+    end = min(size if 16 <= size <= 4096 else 16, len(data))
+    return {data[8:12]} | {data[i : i + 4] for i in range(16, end - 3, 4)}
+
+
 def sniff(data: bytes) -> tuple[str, str] | None:
     """(format, mime) from the magic bytes, or None when the bytes are no image format we know."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -44,7 +74,27 @@ def sniff(data: bytes) -> tuple[str, str] | None:
     for magic, fmt, mime in _MAGIC:
         if data.startswith(magic):
             return fmt, mime
+    brands = _ftyp_brands(data[:4096])
+    if brands & _AVIF_BRANDS:  # before HEIF: an AVIF file lists mif1 too
+        return "avif", "image/avif"
+    if brands & _HEIF_BRANDS:
+        return "heic", "image/heic"
     return None
+
+
+def accept_header(formats: tuple[str, ...] | list[str]) -> str:
+    """The ``Accept`` header for a run that decodes ``formats``: their MIME types, then anything else at a
+    low weight, so that a server that cannot negotiate still answers (with what it has)."""
+    types = [mime for fmt in formats for mime in MIME_TYPES[fmt]]
+    return ",".join([*types, "*/*;q=0.1"])
+
+
+@functools.cache
+def _heif_opener() -> None:
+    """Register pillow-heif's HEIF opener with Pillow, once per process (AVIF needs none: Pillow has it)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
 
 
 @dataclass(frozen=True)
@@ -107,6 +157,8 @@ def _process(data: bytes, opt: ImageOptions, digest: str) -> Processed:
         return Processed(
             "unsupported_format", f"{fmt} is not one of {', '.join(opt.formats)}", sha256=digest, mime=mime
         )
+    if fmt == "heic":
+        _heif_opener()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -8,7 +8,8 @@ be invalid UTF-8) and a parquet (for the nulls).
 
 The server speaks raw HTTP from its own socket handlers so that it can misbehave in ways no HTTP library
 will: a response a byte a second from the status line on, headers that never end, a Content-Length that
-lies, bytes that are not HTTP at all. It listens on 127.0.0.1 only; every handler ends within ``cap``
+lies, bytes that are not HTTP at all. It listens on 127.0.0.1 (or another loopback address given as
+``host``), speaks TLS with ``tls`` (a server context, e.g. from trustme), and records every request head; every handler ends within ``cap``
 seconds (default 30) whatever the client does, and the endless body within ``endless_bytes`` if set. Three redirects point off the machine (cloud metadata, a
 private address, ``file:``): a client without an SSRF guard would follow them, so peers that have none must
 be given :data:`OFF_MACHINE` removed.
@@ -20,6 +21,7 @@ import contextlib
 import gzip
 import io
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -88,10 +90,10 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 class Conn:
-    """One accepted connection, as a route handler sees it."""
+    """One accepted connection, as a route handler sees it (``head``: the request line and headers)."""
 
-    def __init__(self, sock: socket.socket, server: HostileServer):
-        self.sock, self.server = sock, server
+    def __init__(self, sock: socket.socket, server: HostileServer, head: bytes = b""):
+        self.sock, self.server, self.head = sock, server, head
 
     def send(self, data: bytes) -> bool:
         """Send it all; False once the client has gone (or the server stops)."""
@@ -127,19 +129,28 @@ class HostileServer:
     """HTTP/1.1 on 127.0.0.1: one thread per connection, one request per connection, routes by path.
 
     ``spans[path]`` records, per request, the seconds from the request's arrival to the moment the server
-    was done with the connection: for the routes that stall, that is when the client let go.
+    was done with the connection: for the routes that stall, that is when the client let go. ``heads``
+    keeps each request's head (request line and headers), in arrival order.
     """
 
-    def __init__(self, cap: float = HANDLER_CAP, endless_bytes: int | None = None) -> None:
-        self.cap, self.endless_bytes = cap, endless_bytes
+    def __init__(
+        self,
+        cap: float = HANDLER_CAP,
+        endless_bytes: int | None = None,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.cap, self.endless_bytes, self.tls = cap, endless_bytes, tls
         self.routes: dict[str, Callable[[Conn], None]] = {}
         self.spans: dict[str, list[float]] = {}
+        self.heads: list[bytes] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._listener = socket.create_server((host, 0), backlog=128)
         self._listener.settimeout(0.1)
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host_port = f"{host}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{self.host_port}"
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> HostileServer:
@@ -171,15 +182,20 @@ class HostileServer:
         path = None
         try:
             sock.settimeout(5)
+            if self.tls is not None:  # a client that rejects the certificate ends here
+                sock = self.tls.wrap_socket(sock, server_side=True)
             request = b""
             while b"\r\n\r\n" not in request and len(request) < 65536:
                 chunk = sock.recv(4096)
                 if not chunk:
                     return
                 request += chunk
+            head = request.split(b"\r\n\r\n", 1)[0]
+            with self._lock:
+                self.heads.append(head)
             path = request.split(b" ", 2)[1].decode("latin-1").split("?")[0]
             handler = self.routes.get(path)
-            conn = Conn(sock, self)
+            conn = Conn(sock, self, head)
             if handler is None:
                 conn.respond("404 Not Found", b"not found", {"Content-Type": "text/plain"})
             else:
