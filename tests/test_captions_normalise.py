@@ -9,7 +9,7 @@ import pytest
 
 from curate.base import InputError
 from curate.core.config import InputConfig
-from curate.core.reader import InputReader, clean_caption
+from curate.core.reader import InputReader, clean_caption, repair_caption
 from curate.core.schema import uid_for
 
 
@@ -137,3 +137,66 @@ def test_csv_quoting_that_is_well_formed_keeps_every_row(tmp_path):
     )
     t = read_all(InputConfig(path=str(tmp_path / "ok.csv")))
     assert t["caption"].to_pylist() == ["two\nlines", 'a "quote"', '5" screen', ""]
+
+
+# Mojibake, curly quotes and full-width letters are what these cases are about (RUF001: ambiguous characters).
+@pytest.mark.parametrize(
+    "raw, repaired",
+    [
+        ("CafÃ© au lait", "Café au lait"),  # UTF-8 read as Windows-1252
+        ("â€œquotedâ€\x9d and â€˜singleâ€™", "“quoted” and ‘single’"),  # noqa: RUF001 - curly quotes stay curly
+        ("ÐŸÑ€Ð¸Ð²ÐµÑ‚ Ð¼Ð¸Ñ€", "Привет мир"),  # noqa: RUF001
+        (
+            "The Mona Lisa doesnÃƒÂ¢Ã¢â€šÂ¬Ã¢â€žÂ¢t have eyebrows.",
+            "The Mona Lisa doesn’t have eyebrows.",  # noqa: RUF001
+        ),  # twice
+        ("Tom &amp; Jerry &#8211; l&#39;&eacute;t&eacute; &lt;3", "Tom & Jerry – l'été <3"),  # noqa: RUF001
+        ("CafÃ© &amp; cr&egrave;me", "Café & crème"),
+    ],
+)
+def test_mojibake_and_html_entities_are_repaired(raw, repaired):
+    assert repair_caption(raw, 2000) == (repaired, True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a plain caption",
+        "AT&T and R&D",  # an ampersand that starts no entity
+        "naïve café “curly” ﬁne ＡＢ — 🌅",  # noqa: RUF001 - as the author wrote them
+        "<b>bold &amp; markup</b>",  # a '<': may be markup, entities stay
+        "line one\nline two\r\n",
+    ],
+)
+def test_clean_text_is_left_as_it_is(text):
+    assert repair_caption(text, 2000) == (text, False)
+
+
+def test_lone_c1_controls_are_not_taken_for_mojibake():
+    # A C1 control after ASCII cannot be a UTF-8 continuation byte: it is removed, as clean_caption removes it,
+    # not read as Windows-1252 (\x85 would become "…"); inside mojibake it is part of what is repaired.
+    assert repair_caption("and\x85 C1", 2000) == ("and C1", False)
+    assert repair_caption("â€\x9d", 2000) == ("”", True)
+
+
+def test_a_long_caption_is_repaired_only_where_it_is_kept():
+    # 4 x 20 characters are repaired (60 of "CafÃ© " and 10 "Ã©"), the rest is appended as it was.
+    text, changed = repair_caption("CafÃ© " * 10 + "Ã©" * 100, 20)
+    assert changed and text == "Café " * 10 + "é" * 10 + "Ã©" * 90
+    assert clean_caption(text, 20) == ("Café Café Café Café ", True)
+
+
+def test_the_reader_repairs_records_and_keeps_uids(tmp_path):
+    rows = [
+        {"url": "http://a.org/1", "caption": "CafÃ© &amp; cr&egrave;me"},
+        {"url": "http://a.org/2", "caption": "a clean caption & more"},
+        {"url": "http://a.org/3", "caption": "caf\u00e9 \u201cquoted\u201d"},
+        {"url": "http://a.org/4", "caption": None},
+    ]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = read_all(InputConfig(path=str(tmp_path / "i.jsonl")))
+    assert t["caption"].to_pylist() == ["Café & crème", "a clean caption & more", "café “quoted”", None]
+    assert t["caption_repaired"].to_pylist() == [True, False, False, False]
+    # uids hash the caption as read: a repair changes none, and clean text is hashed as it always was.
+    assert t["uid"].to_pylist() == [uid_for(r["url"], r["caption"]) for r in rows]
+    assert t["uid"][1].as_py() == uid_for("http://a.org/2", t["caption"][1].as_py())

@@ -117,3 +117,73 @@ def test_dropped_thumbnails_are_the_dropped_rows_and_can_be_switched_off(tmp_pat
     assert stats["written"]["dropped_thumbnails"] == 0
     on, off = (tmp_path / d / "shards" / "00000.tar" for d in ("on", "off"))
     assert on.read_bytes() == off.read_bytes()
+
+
+def test_img2dataset_names_are_added_and_made_again_on_rewrite(tmp_path):
+    from curate.core.writer import img2dataset_status
+
+    t = table().append_column("orig_width", pa.array([8, None, None, 9], pa.int32()))
+    t = t.append_column("orig_height", pa.array([6, None, None, 7], pa.int32()))
+    stats = ShardWriter(str(tmp_path), naming="img2dataset").write(
+        "00000", t, {"stages": {"read": {"seconds": 0.25}}}
+    )
+    side = pq.read_table(tmp_path / "shards/00000.parquet")
+    assert side.column_names[-6:] == [
+        "score",
+        "key",
+        "error_message",
+        "original_width",
+        "original_height",
+        "exif",
+    ]
+    assert side["key"].to_pylist() == side["uid"].to_pylist()
+    assert side["error_message"].to_pylist() == [None, None, "404 Not Found", None]
+    assert side["original_width"].to_pylist() == [8, None, None, 9]
+    assert side["exif"].null_count == 4 and side["status"].to_pylist() == ["ok", "ok", "http_404", "ok"]
+    assert {
+        k: stats[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration")
+    } == {
+        "count": 4,
+        "successes": 3,
+        "failed_to_download": 1,
+        "failed_to_resize": 0,
+        "duration": 0.25,
+    }
+    assert stats["end_time"] - stats["start_time"] == 0.25 and stats["status_dict"] == {
+        "success": 3,
+        "404 Not Found": 1,
+    }
+    assert json.loads((tmp_path / "shards/00000_stats.json").read_text()) == stats
+    with tarfile.open(tmp_path / "shards/00000.tar") as tar:
+        meta = json.load(tar.extractfile(f"{'c' * 32}.json"))
+    assert (meta["key"], meta["original_width"], meta["error_message"]) == ("c" * 32, 8, None)
+    # A retried or grown shard comes back from its sidecar: the same columns, made again, not doubled.
+    again = ShardWriter(str(tmp_path / "again"), naming="img2dataset")
+    again.write("00000", side.append_column("image", t["image"]), {})
+    assert (tmp_path / "again/shards/00000.parquet").read_bytes() == (
+        tmp_path / "shards/00000.parquet"
+    ).read_bytes()
+    # An input's own key that is not the uid stays, as input_key.
+    ShardWriter(str(tmp_path / "k"), naming="img2dataset").write(
+        "00000", t.append_column("key", pa.array(["k0", "k1", "k2", "k3"])), {}
+    )
+    side = pq.read_table(tmp_path / "k/shards/00000.parquet")
+    assert (
+        side["input_key"].to_pylist() == ["k0", "k1", "k2", "k3"]
+        and side["key"].to_pylist() == side["uid"].to_pylist()
+    )
+    assert [img2dataset_status(s) for s in ("ok", "http_404", "timeout", "invalid_url", "duplicate_row")] == [
+        "success",
+        *["failed_to_download"] * 4,
+    ]
+    assert {
+        img2dataset_status(s)
+        for s in (
+            "decode_error",
+            "not_an_image",
+            "too_small",
+            "bad_aspect_ratio",
+            "too_many_pixels",
+            "unsupported_format",
+        )
+    } == {"failed_to_resize"}

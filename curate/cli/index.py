@@ -13,6 +13,7 @@ from rich.console import Console
 from curate.base import RetrievalIndexError
 from curate.core.output import OutputFolder
 from curate.index.build import add_to_index, build_index
+from curate.index.clip_back import DEFAULT_COLUMNS
 from curate.index.query import Retriever
 from curate.index.serve import make_server
 from curate.index.store import describe_index
@@ -93,11 +94,45 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8765,
     device: Annotated[str, typer.Option(help="Where CLIP embeds queries: cpu, cuda, auto.")] = "cpu",
+    name: Annotated[
+        str, typer.Option(help="The index's name for clip-retrieval clients (their indice_name).")
+    ] = "curate",
+    columns: Annotated[
+        str,
+        typer.Option(
+            help="What clip-retrieval results carry, comma-separated: url, caption, image (base64 JPEG), uid, "
+            "clip_score, shard, source, caption_vlm, caption_fused."
+        ),
+    ] = ",".join(DEFAULT_COLUMNS),
+    allow_private: Annotated[
+        list[str] | None,
+        typer.Option(help="host:port an image_url may be fetched from although private (repeatable)."),
+    ] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's line and headers may take to arrive.")
+    ] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request's body may take to arrive.")] = 30.0,
 ) -> None:
-    """An HTTP API and a search page: GET /search?text=...&k=10, POST /search (an image), GET /sample/<uid>."""
-    server = make_server(Retriever(index, device=device), host, port)
+    """An HTTP API and a search page (GET /search?text=...&k=10, POST /search with an image, GET
+    /sample/<uid>), and clip-retrieval's back end (POST /knn-service, POST /metadata, GET /indices-list)."""
+    retriever = Retriever(index, device=device)
+    server = make_server(
+        retriever,
+        host,
+        port,
+        name=name,
+        columns=[c.strip() for c in columns.split(",") if c.strip()],
+        allow_private=allow_private or (),
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+    )
     h, p = server.server_address[:2]
-    out.print(f"serving {index} ({len(server.retriever):,} samples) at http://{h}:{p}/  (Ctrl-C stops)")
+    base = f"http://{h}:{p}" if ":" not in h else f"http://[{h}]:{p}"
+    out.print(
+        f"serving {index} ({len(server.retriever):,} samples) at {base}/ ; clip-retrieval: "
+        f"ClipClient(url='{base}/knn-service', indice_name='{name}')  (Ctrl-C stops)",
+        highlight=False,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -142,6 +142,12 @@ class OutputConfig(StrictModel):
     dropped_thumbnails: bool = Field(
         True, description="keep 128 px thumbnails of dropped rows in dropped/<id>.tar, for audit and preview"
     )
+    naming: Literal["curate", "img2dataset"] = Field(
+        "curate",
+        description="img2dataset: the sidecars, tar json and _stats.json also carry img2dataset's names (key, "
+        "error_message, original_width, original_height, exif; count, successes, failed_to_download, "
+        "failed_to_resize, duration, start_time, end_time, status_dict), for tools written for its output",
+    )
     report: bool = Field(
         True,
         description="write report/report.html and report.json at the end of the run (a few tenths of a "
@@ -240,7 +246,8 @@ class PipelineConfig(StrictModel):
                 else None,
             ),
             "output": self.output.caption_relevant()
-            | ({} if self.output.dropped_thumbnails else {"dropped_thumbnails": False}),
+            | ({} if self.output.dropped_thumbnails else {"dropped_thumbnails": False})
+            | ({} if self.output.naming == "curate" else {"naming": self.output.naming}),
             "shard_size": self.shard_size,
             "stages": [{"stage": s.stage, "name": s.name, **s.params()} for s in self.stages],
         }

@@ -92,6 +92,7 @@ class Pipeline:
         self.writer = ShardWriter(
             config.output.path,
             dropped_thumbnails=config.output.dropped_thumbnails,
+            naming=config.output.naming,
             train_caption=TrainCaption(
                 mode, column, (("fused", mix.fused), ("vlm", mix.vlm), ("alt", mix.alt)), mix.seed
             ),

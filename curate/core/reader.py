@@ -12,10 +12,13 @@ Text inputs are decoded as UTF-8; invalid bytes become U+FFFD (as do binary parq
 never an error. A CSV/TSV row with the wrong number of fields, or a quoted value that is never closed (which
 would swallow every following row into one caption), is an :class:`InputError` naming the file and line.
 
-Every caption is cleaned as it is read (:func:`clean_caption`): NFC, lone surrogates replaced by U+FFFD,
-control characters (NUL, C0, DEL, C1) removed except tab, newline and carriage return; other white space is
-kept as it is. A caption longer than ``input.max_caption_chars`` is cut to that many characters and flagged
-in ``caption_truncated``. The ``uid`` is computed from the caption *as read*, before cleaning, so uids (and
+Every caption is repaired and cleaned as it is read. First :func:`repair_caption`: ftfy undoes mojibake
+(UTF-8 read as Windows-1252 or Latin-1: ``CafÃ©`` -> ``Café``, ``â€œ`` -> ``“``) and HTML entities
+(``&amp;`` -> ``&``; not in text that holds a ``<``, which may be markup), and flags the rows it changed in
+``caption_repaired``; quotes, ligatures, widths and line breaks stay as they are. Then :func:`clean_caption`:
+NFC, lone surrogates replaced by U+FFFD, control characters (NUL, C0, DEL, C1) removed except tab, newline
+and carriage return; other white space is kept as it is. A caption longer than ``input.max_caption_chars`` is
+cut to that many characters and flagged in ``caption_truncated``. The ``uid`` is computed from the caption *as read*, before cleaning, so uids (and
 resumed runs, dedup decisions and indexes that name them) are the same as before cleaning existed, and two
 inputs that differ only beyond the cut keep distinct uids.
 """
@@ -32,6 +35,7 @@ import unicodedata
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
@@ -45,7 +49,7 @@ from curate.core import sources
 from curate.core.config import InputConfig
 from curate.core.schema import COLUMNS, CORE_COLUMNS, uid_for, uid_for_source
 
-__all__ = ["InputReader", "Segment", "ShardSpec", "clean_caption", "format_of"]
+__all__ = ["InputReader", "Segment", "ShardSpec", "clean_caption", "format_of", "repair_caption"]
 
 _SUFFIXES = {
     ".parquet": "parquet",
@@ -494,7 +498,7 @@ class InputReader:
                 )
             given = [None if v is None else str(v) for v in raw[name].to_pylist()]
 
-        uids, statuses, errors, cleaned, truncated = [], [], [], [], []
+        uids, statuses, errors, cleaned, truncated, repaired = [], [], [], [], [], []
         first_seen: dict[str, int] = {}
         for i, (url, caption) in enumerate(zip(urls, captions, strict=True)):
             if c.uid_col is not None:
@@ -507,9 +511,11 @@ class InputReader:
                 # The caption as read: see the module docstring. An image that came with the input and has
                 # no URL is named by where it came from.
                 uid = uid_for_source(located[i], caption) if images and url is None else uid_for(url, caption)
-            text, cut = clean_caption(caption, c.max_caption_chars)
+            text, fixed = repair_caption(caption, c.max_caption_chars)
+            text, cut = clean_caption(text, c.max_caption_chars)
             cleaned.append(text)
             truncated.append(cut)
+            repaired.append(fixed)
             if images:
                 status, error = (read_status[i], read_error[i]) if read_status[i] else ("ok", None)
             else:
@@ -540,6 +546,7 @@ class InputReader:
             "error": pa.array(errors, pa.string()),
             "drop_reason": pa.nulls(n, pa.string()),
             "caption_truncated": pa.array(truncated, pa.bool_()),
+            "caption_repaired": pa.array(repaired, pa.bool_()),
         }
         if images:
             columns[sources.SOURCE] = raw[sources.SOURCE]
@@ -590,6 +597,62 @@ def _as_strings(col: pa.ChunkedArray, what: str) -> list[str | None]:
         return col.to_pylist()
     except UnicodeDecodeError:
         return _as_strings(col.cast(pa.large_binary()), what)
+
+
+# A C1 control character that does not follow a character of a Windows-1252 or Latin-1 mis-decoded UTF-8
+# byte cannot be part of mojibake (UTF-8 continuation bytes follow a lead byte): it goes before ftfy looks,
+# as clean_caption would remove it, so ftfy does not read it as a lone Windows-1252 character (\x85 -> "…").
+_LONE_C1 = re.compile(
+    "(?<![\x80-\xff\u20ac\u201a\u0192\u201e\u2026\u2020\u2021\u02c6\u2030\u0160\u2039\u0152\u017d"
+    "\u2018\u2019\u201c\u201d\u2022\u2013\u2014\u02dc\u2122\u0161\u203a\u0153\u017e\u0178])[\x80-\x9f]"
+)
+REPAIR_WINDOW = 4  # x max_chars: a repair never lengthens text, and UTF-8 mojibake is at most 4 characters a
+# character, so beyond this what is repaired would be cut anyway
+
+
+@functools.cache
+def _ftfy_config() -> Any:
+    """What ftfy may change: mojibake and HTML entities. Not curly quotes, ligatures, full-width forms or line
+    breaks (they are what the author wrote), nor control characters and normalisation (clean_caption's)."""
+    import ftfy
+
+    return ftfy.TextFixerConfig(
+        unescape_html="auto",
+        remove_terminal_escapes=False,
+        fix_c1_controls=False,
+        fix_latin_ligatures=False,
+        fix_character_width=False,
+        uncurl_quotes=False,
+        fix_line_breaks=False,
+        remove_control_chars=False,
+        normalization=None,
+        explain=False,
+    )
+
+
+def repair_caption(caption: str | None, max_chars: int | None) -> tuple[str | None, bool]:
+    """The caption with mojibake and HTML entities repaired by ftfy, and whether anything changed.
+
+    ``CafÃ©`` -> ``Café``, ``â€œquotedâ€\\x9d`` -> ``“quoted”``, ``Tom &amp; Jerry`` -> ``Tom & Jerry``;
+    entities stay in text that holds a ``<`` (ftfy's "auto": it may be markup). ASCII without ``&`` has nothing
+    to repair and is returned as it is, at once. With a ``max_chars``, only the first ``REPAIR_WINDOW`` x
+    ``max_chars`` characters are repaired and the rest is appended as it was (:func:`clean_caption` cuts it):
+    a 10 MB caption costs what a short one does.
+    """
+    if caption is None or (caption.isascii() and "&" not in caption):
+        return caption, False
+    import ftfy
+
+    head, rest = caption, ""
+    if max_chars is not None and len(caption) > REPAIR_WINDOW * max_chars:
+        head, rest = caption[: REPAIR_WINDOW * max_chars], caption[REPAIR_WINDOW * max_chars :]
+    fixed = ftfy.fix_text(_LONE_C1.sub("", head), _ftfy_config())
+    return fixed + rest, _plain(fixed) != _plain(head)
+
+
+def _plain(text: str) -> str:
+    """What clean_caption makes of control characters and lone surrogates: not a repair of ftfy's."""
+    return _SURROGATE.sub("\ufffd", _CONTROL.sub("", text))
 
 
 # C0 and C1 control characters and DEL, except tab, newline and carriage return; lone surrogates.

@@ -69,8 +69,8 @@ for _c in [
         "caption",
         pa.string(),
         "input",
-        "alt-text, from the input's caption column: NFC, control characters removed, cut to "
-        "input.max_caption_chars (see curate.core.reader.clean_caption)",
+        "alt-text, from the input's caption column: mojibake and HTML entities repaired, NFC, control "
+        "characters removed, cut to input.max_caption_chars (see curate.core.reader.clean_caption)",
     ),
     Column("status", pa.string(), "input", "'ok', or the reason code of the first failure"),
     Column("error", pa.string(), "input", "human-readable detail of a non-ok status; null when ok"),
@@ -82,6 +82,12 @@ for _c in [
         pa.bool_(),
         "input",
         "true when the input caption was longer than input.max_caption_chars and was cut",
+    ),
+    Column(
+        "caption_repaired",
+        pa.bool_(),
+        "input",
+        "true when ftfy repaired mojibake or HTML entities in the input caption (curate.core.reader.repair_caption)",
     ),
     # Written by the input reader for inputs that carry their images (curate.core.sources).
     Column(
@@ -108,7 +114,17 @@ for _c in [
 ]:
     declare(_c)
 
-CORE_COLUMNS = ("uid", "input_index", "url", "caption", "status", "error", "drop_reason", "caption_truncated")
+CORE_COLUMNS = (
+    "uid",
+    "input_index",
+    "url",
+    "caption",
+    "status",
+    "error",
+    "drop_reason",
+    "caption_truncated",
+    "caption_repaired",
+)
 
 
 def canonical_order(names: list[str]) -> list[str]:

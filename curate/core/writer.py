@@ -16,6 +16,15 @@ dropped/<id>.tar         for audit: <uid>.jpg (a thumbnail, longest side 128 px)
                          Ray Data's read_webdataset on the folder) never trains on dropped images.
 shards/<id>_stats.json   counts per status and drop reason, per-stage seconds; written last, so its
                          presence means the shard is complete.
+
+With ``output.naming: img2dataset`` the parquet and the tar's json also carry img2dataset's columns
+(:func:`img2dataset_columns`: ``key``, ``error_message``, ``original_width``, ``original_height``, ``exif``
+beside curate's ``url``, ``caption``, ``width``, ``height``, ``sha256``), and the stats its fields
+(:func:`img2dataset_stats`: ``count``, ``successes``, ``failed_to_download``, ``failed_to_resize``,
+``duration``, ``start_time``, ``end_time``, ``status_dict``), so that code written for img2dataset's output
+reads curate's. ``status`` keeps curate's codes (``ok``, ``http_404``, ...): curate's own tools (report,
+preview, retry, growing a run, the index) read it from the sidecars; img2dataset's three outcomes are the
+stats' counts and :func:`img2dataset_status`.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import io
 import json
 import math
 import tarfile
+import time
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,11 +46,28 @@ from curate.core.schema import COLUMNS, canonical_order, is_kept, reason_bucket
 from curate.core.storage import write_atomic, write_json_atomic
 from curate.kit.captions import TrainCaption
 
-__all__ = ["ShardWriter", "image_extension", "shard_counts", "thumbnail"]
+__all__ = [
+    "IMG2DATASET_COLUMNS",
+    "ShardWriter",
+    "image_extension",
+    "img2dataset_columns",
+    "img2dataset_stats",
+    "img2dataset_status",
+    "shard_counts",
+    "thumbnail",
+]
 
 MTIME = 0  # fixed member mtime: a rerun writes the same bytes
 THUMBNAIL_SIDE = 128
 THUMBNAIL_QUALITY = 85
+
+# img2dataset's columns that curate names otherwise (or lacks), added with output.naming: img2dataset.
+IMG2DATASET_COLUMNS = ("key", "error_message", "original_width", "original_height", "exif")
+# curate's statuses that img2dataset counts as failed_to_resize (its resizer refused or could not decode the
+# image); every other non-ok status never got an image: failed_to_download.
+_RESIZE_FAILURES = frozenset(
+    {"not_an_image", "unsupported_format", "decode_error", "too_many_pixels", "too_small", "bad_aspect_ratio"}
+)
 
 
 def image_extension(data: bytes) -> str:
@@ -83,6 +110,69 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+def img2dataset_status(status: str | None) -> str:
+    """img2dataset's outcome for a curate status: ``success``, ``failed_to_resize`` (the image came but did
+    not decode or pass the size and aspect checks) or ``failed_to_download`` (no image came)."""
+    if status == "ok":
+        return "success"
+    return "failed_to_resize" if status in _RESIZE_FAILURES else "failed_to_download"
+
+
+def img2dataset_columns(table: pa.Table) -> pa.Table:
+    """The table with img2dataset's columns added after curate's: ``key`` (the sample's key in the tar: its
+    uid), ``error_message`` (``error``), ``original_width``/``original_height`` (``orig_width``/``orig_height``)
+    and ``exif`` (null: curate does not extract EXIF, as img2dataset with ``extract_exif=False``); ``width``,
+    ``height`` and ``sha256`` as nulls where no download stage wrote them. Columns of an earlier write (a
+    retried or grown shard comes back from its sidecar) are made again; an input's own ``key`` that is not
+    the uid is kept as ``input_key``."""
+    names = table.column_names
+    if "key" in names:
+        same = pc.all(pc.fill_null(pc.equal(table["key"], table["uid"]), False)).as_py() is not False
+        if same or "input_key" in names:
+            table = table.drop_columns(["key"])
+        else:
+            table = table.rename_columns(["input_key" if n == "key" else n for n in names])
+    table = table.drop_columns([c for c in IMG2DATASET_COLUMNS if c in table.column_names])
+    n = table.num_rows
+
+    def column(name: str, kind: pa.DataType) -> pa.ChunkedArray | pa.Array:
+        return table[name] if name in table.column_names else pa.nulls(n, kind)
+
+    for name, kind in (("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string())):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(n, kind))
+    for name, values in (
+        ("key", table["uid"]),
+        ("error_message", column("error", pa.string())),
+        ("original_width", column("orig_width", pa.int32())),
+        ("original_height", column("orig_height", pa.int32())),
+        ("exif", pa.nulls(n, pa.string())),
+    ):
+        table = table.append_column(name, values)
+    return table
+
+
+def img2dataset_stats(table: pa.Table, stats: dict[str, Any], end_time: float) -> dict[str, Any]:
+    """img2dataset's ``_stats.json`` fields for the shard: counts of its three outcomes, ``status_dict``
+    (``success`` and each failure's error message, as img2dataset counts them), and times: ``duration`` is the
+    shard's seconds in curate (reading and every stage), ending at ``end_time``."""
+    outcomes = Counter(img2dataset_status(s) for s in table["status"].to_pylist())
+    status_dict: Counter[str] = Counter()
+    for status, error in zip(table["status"].to_pylist(), table["error"].to_pylist(), strict=True):
+        status_dict["success" if status == "ok" else (error or status or "unknown")] += 1
+    duration = sum(float(s.get("seconds", 0.0)) for s in stats.get("stages", {}).values())
+    return {
+        "count": table.num_rows,
+        "successes": outcomes["success"],
+        "failed_to_download": outcomes["failed_to_download"],
+        "failed_to_resize": outcomes["failed_to_resize"],
+        "duration": duration,
+        "start_time": end_time - duration,
+        "end_time": end_time,
+        "status_dict": dict(status_dict.most_common()),
+    }
+
+
 class ShardWriter:
     def __init__(
         self,
@@ -90,12 +180,15 @@ class ShardWriter:
         text_column: str = "caption",
         dropped_thumbnails: bool = True,
         train_caption: TrainCaption | None = None,
+        naming: Literal["curate", "img2dataset"] = "curate",
     ):
         """``train_caption`` chooses each sample's <uid>.txt (see :class:`curate.kit.captions.TrainCaption`);
-        without it, ``text_column`` is written as it is."""
+        without it, ``text_column`` is written as it is. ``naming="img2dataset"`` adds img2dataset's columns
+        and stats fields (see the module docstring)."""
         self.output_path = output_path
         self.text_column = text_column
         self.dropped_thumbnails = dropped_thumbnails
+        self.naming = naming
         self.train_caption = train_caption or TrainCaption("column", text_column)
 
     def paths(self, shard_id: str) -> dict[str, str]:
@@ -110,6 +203,8 @@ class ShardWriter:
         fs.makedirs(out.shards_dir, exist_ok=True)
         if self.dropped_thumbnails:
             fs.makedirs(out.dropped_dir, exist_ok=True)
+        if self.naming == "img2dataset":
+            table = img2dataset_columns(table)
         # Schema metadata (pandas', an earlier phase's) would make the bytes depend on where a shard came from.
         table = table.select(canonical_order(table.column_names)).replace_schema_metadata(None)
         # An input image the download stage did not take (a row it never saw) is no output.
@@ -133,6 +228,8 @@ class ShardWriter:
             "dropped_thumbnails": thumbnails,
             "dropped_tar_bytes": len(dropped_bytes),
         }
+        if self.naming == "img2dataset":
+            final |= img2dataset_stats(table, stats, time.time())
         write_json_atomic(fs, paths["stats"], final)
         return final
 

@@ -6,7 +6,8 @@ recompute), and the :class:`Retriever` that generation code queries.
     store.py     the index folder on disk: index.json, the FAISS file, metadata and embedding parts
     build.py     build, append to, and remove from (takedown) an index
     query.py     Retriever and Neighbor; the results' images from the runs' shard tars
-    serve.py     the HTTP API and search page of ``curate index serve``
+    serve.py     the HTTP API and search page of ``curate index serve`` (ASGI on uvicorn: the serve extra)
+    clip_back.py clip-retrieval's back-end protocol (/knn-service, /metadata, /indices-list) over an index
 
 ``from curate.index import Retriever`` (and the names below) is the public API.
 """

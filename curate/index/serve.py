@@ -1,122 +1,363 @@
-"""``curate index serve``: an HTTP API and a search page over a :class:`~curate.index.query.Retriever`.
+"""``curate index serve``: an HTTP API and a search page over a :class:`~curate.index.query.Retriever`, as an
+ASGI app (starlette) on uvicorn, the ``serve`` extra.
 
-GET /search?text=...&k=10 and POST /search (an image as the body, or as multipart field ``image``) answer
-JSON; GET /sample/<uid> is the sample's image from its shard tar; GET /info is ``index.json``; GET / is a
-search page. A threading server: the Retriever serialises CLIP calls, FAISS searches run side by side.
+curate's own endpoints: GET /search?text=...&k=10 and POST /search (an image as the body, or as multipart
+field ``image``) answer JSON; GET /sample/<uid> is the sample's image from its shard tar; GET /info is
+``index.json``; GET / is a search page. Beside them, clip-retrieval's back-end protocol (POST /knn-service,
+POST /metadata, GET /indices-list: :mod:`curate.index.clip_back`), so its ClipClient and front end work as
+they are. Every answer allows any origin (CORS, as clip-back's ``CORS(app)``), so a front end served from
+elsewhere can call it.
+
+Why this server: one event loop holds every connection, so a slow or idle client costs a socket, not a
+thread; CLIP and FAISS run in a thread pool (the Retriever serialises CLIP calls, FAISS searches run side by
+side). Time limits: a request's line and headers must arrive within ``header_timeout`` of the connection
+(or of the previous answer on a kept-alive one), its body within ``body_timeout`` (else 408), an idle
+kept-alive connection closes after ``keep_alive`` seconds, and at most ``max_connections`` are open at once
+(more are answered 503).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import html
 import json
+import math
+import socket
+import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from typing import Any
 
 from curate.base import RetrievalIndexError
+from curate.index.clip_back import DEFAULT_COLUMNS, MAX_IMAGE, ClipBackend, parse_knn_request
 from curate.index.query import Retriever, image_mime
 
-__all__ = ["MAX_UPLOAD", "IndexServer", "make_server"]
+__all__ = ["MAX_UPLOAD", "IndexServer", "image_fetcher", "make_app", "make_server"]
 
 MAX_UPLOAD = 20 << 20
+MAX_K = 1000
 
 
-class IndexServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _require_serve() -> tuple[Any, Any]:
+    """``(uvicorn, starlette)``, or an error that names the extra to install."""
+    try:
+        import starlette
+        import uvicorn
+    except ImportError as e:
+        raise RetrievalIndexError(
+            f"curate index serve needs uvicorn and starlette ({e.name} is missing): pip install 'curate[serve]'"
+        ) from None
+    return uvicorn, starlette
 
-    def __init__(self, address: tuple[str, int], retriever: Retriever):
-        self.retriever = retriever
-        super().__init__(address, _Handler)
+
+class _BodyError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
-def make_server(retriever: Retriever, host: str = "127.0.0.1", port: int = 0) -> IndexServer:
-    """A threading HTTP server over ``retriever``, bound but not yet serving (call ``serve_forever``)."""
-    return IndexServer((host, port), retriever)
+def image_fetcher(allow_private: Sequence[str] = ()) -> Any:
+    """``fetch(url) -> bytes`` for clip-retrieval's ``image_url``, through curate's SSRF-guarded fetcher: no
+    private, loopback or link-local address (but ``allow_private`` ``host:port`` entries), 15 s and 20 MiB at
+    most, no retries. The query image is fetched once on a user's behalf, as a browser would: robots.txt and
+    X-Robots-Tag (which govern crawling and training) are not consulted."""
+    from curate.kit.net import Fetcher, FetchPolicy
+
+    policy = {
+        "user_agent": "curate-index-serve (image_url of a clip-retrieval query)",
+        "connect_timeout": 5.0,
+        "read_timeout": 10.0,
+        "total_timeout": 15.0,
+        "max_bytes": MAX_IMAGE,
+        "retries": 0,
+        "allow_private": tuple(allow_private),
+        # Opt-out protocols, those this fetcher knows: they govern crawling and training, not one lookup.
+        **{
+            k: False
+            for k in ("robots_txt", "x_robots_tag", "tdmrep")
+            if k in FetchPolicy.__dataclass_fields__
+        },
+    }
+    fetcher = Fetcher(FetchPolicy(**policy))
+
+    def fetch(url: str) -> bytes:
+        result = fetcher.fetch(url)
+        if result.status != "ok" or result.body is None:
+            raise RetrievalIndexError(f"image_url {url!r} was not fetched: {result.status} ({result.error})")
+        return result.body
+
+    return fetch
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: IndexServer
+def make_app(
+    retriever: Retriever,
+    *,
+    name: str = "curate",
+    columns: Sequence[str] = DEFAULT_COLUMNS,
+    fetch_image: Any | None = None,
+    body_timeout: float = 30.0,
+) -> Any:
+    """The ASGI app: curate's endpoints and clip-retrieval's back-end protocol over ``retriever``. ``name``
+    is the index's name in clip-retrieval's requests (``indice_name``), ``columns`` what its results carry
+    (:data:`curate.index.clip_back.COLUMNS`), ``fetch_image`` fetches an ``image_url`` (see
+    :func:`image_fetcher`; None: refused)."""
+    _require_serve()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
 
-    def log_message(self, format: str, *args: Any) -> None:  # quiet; a search page makes many requests
-        pass
+    backend = ClipBackend(retriever, name, columns, fetch_image)
 
-    def _send(self, code: int, body: bytes, mime: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", mime)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def reply(code: int, obj: Any) -> Response:
+        return Response(json.dumps(_finite(obj)).encode(), code, media_type="application/json")
 
-    def _json(self, code: int, obj: Any) -> None:
-        self._send(code, json.dumps(obj).encode(), "application/json")
+    async def body(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyError(413, f"the body is over {limit >> 20} MiB")
 
-    def _results(self, query: dict[str, Any], results: list) -> None:
-        rows = [{**n.to_dict(), "image": f"/sample/{urllib.parse.quote(n.uid)}"} for n in results]
-        self._json(200, {"query": query, "results": rows})
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _BodyError(413, f"the body is over {limit >> 20} MiB")
+                chunks.append(chunk)
+            return b"".join(chunks)
 
-    def _k(self, params: dict[str, list[str]]) -> int:
         try:
-            return max(1, min(int(params.get("k", ["10"])[0]), 1000))
+            return await asyncio.wait_for(read(), body_timeout)
+        except TimeoutError:
+            raise _BodyError(408, f"the body did not arrive within {body_timeout:g} s") from None
+
+    async def json_body(request: Request) -> Any:
+        data = await body(request, MAX_UPLOAD * 2)
+        try:
+            return json.loads(data)
         except ValueError as e:
-            raise RetrievalIndexError("k must be an integer") from e
+            raise RetrievalIndexError(f"the body is not JSON: {e}") from None
 
-    def do_GET(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        params = urllib.parse.parse_qs(url.query)
-        r = self.server.retriever
+    def k_of(request: Request) -> int:
         try:
-            if url.path == "/":
-                self._send(200, _page(r).encode(), "text/html; charset=utf-8")
-            elif url.path == "/search":
-                text = params.get("text", [""])[0]
-                if not text.strip():
-                    return self._json(400, {"error": "give ?text=..."})
-                k = self._k(params)
-                self._results({"text": text, "k": k}, r.search_text(text, k))
-            elif url.path.startswith("/sample/"):
-                uid = urllib.parse.unquote(url.path[len("/sample/") :])
-                try:
-                    data, ext = r.image_file(uid)
-                except KeyError:
-                    return self._json(404, {"error": f"no sample {uid!r} in the index"})
-                self._send(200, data, image_mime(ext))
-            elif url.path == "/info":
-                self._json(200, r.info)
-            else:
-                self._json(404, {"error": "unknown path: use /, /search, /sample/<uid>, /info"})
-        except RetrievalIndexError as e:
-            self._json(400, {"error": str(e)})
+            return max(1, min(int(request.query_params.get("k", "10")), MAX_K))
+        except ValueError:
+            raise RetrievalIndexError("k must be an integer") from None
 
-    def do_POST(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        if url.path != "/search":
-            return self._json(404, {"error": "POST an image to /search"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0:
-            return self._json(400, {"error": "POST the image as the body, or as multipart field 'image'"})
-        if length > MAX_UPLOAD:
-            return self._json(413, {"error": f"the upload is over {MAX_UPLOAD >> 20} MiB"})
-        body = self.rfile.read(length)
-        ctype = self.headers.get("Content-Type", "")
+    def results(query: dict[str, Any], found: list) -> Response:
+        rows = [{**n.to_dict(), "image": f"/sample/{urllib.parse.quote(n.uid)}"} for n in found]
+        return reply(200, {"query": query, "results": rows})
+
+    async def page(request: Request) -> Response:
+        return Response(_page(retriever).encode(), 200, media_type="text/html; charset=utf-8")
+
+    async def search_text(request: Request) -> Response:
+        text = request.query_params.get("text", "")
+        if not text.strip():
+            return reply(400, {"error": "give ?text=..."})
+        k = k_of(request)
+        return results({"text": text, "k": k}, await run_in_threadpool(retriever.search_text, text, k))
+
+    async def search_image(request: Request) -> Response:
+        k = k_of(request)
+        data = await body(request, MAX_UPLOAD)
+        if not data:
+            return reply(400, {"error": "POST the image as the body, or as multipart field 'image'"})
+        ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body
+                b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + data
             )
             files = [
                 p for p in msg.iter_parts() if p.get_param("name", header="content-disposition") == "image"
             ]
             if not files:
-                return self._json(400, {"error": "the form has no field named 'image'"})
-            body = files[0].get_payload(decode=True) or b""
+                return reply(400, {"error": "the form has no field named 'image'"})
+            data = files[0].get_payload(decode=True) or b""
+        found = await run_in_threadpool(retriever.search_image, data, k)
+        return results({"image": f"{len(data)} bytes", "k": k}, found)
+
+    async def sample(request: Request) -> Response:
+        uid = request.path_params["uid"]
         try:
-            k = self._k(urllib.parse.parse_qs(url.query))
-            self._results(
-                {"image": f"{len(body)} bytes", "k": k}, self.server.retriever.search_image(body, k)
+            data, ext = await run_in_threadpool(retriever.image_file, uid)
+        except KeyError:
+            return reply(404, {"error": f"no sample {uid!r} in the index"})
+        return Response(data, 200, media_type=image_mime(ext))
+
+    async def info(request: Request) -> Response:
+        return reply(200, retriever.info)
+
+    async def knn(request: Request) -> Response:
+        req = parse_knn_request(await json_body(request))
+        return reply(200, await run_in_threadpool(backend.knn, req))
+
+    async def metadata(request: Request) -> Response:
+        data = await json_body(request)
+        return reply(200, await run_in_threadpool(backend.metadata, data))
+
+    async def indices(request: Request) -> Response:
+        return reply(200, backend.indices())
+
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        return reply(400, {"error": str(exc)})
+
+    async def bad_body(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, _BodyError)  # noqa: S101 - registered for _BodyError only
+        # The rest of an unread body would be taken for the next request: close the connection.
+        return Response(
+            json.dumps({"error": str(exc)}).encode(),
+            exc.status,
+            media_type="application/json",
+            headers={"Connection": "close"},
+        )
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if request.method == "POST":
+            return reply(404, {"error": "POST an image to /search, or a query to /knn-service or /metadata"})
+        return reply(
+            404, {"error": "unknown path: use /, /search, /sample/<uid>, /info, /knn-service, /indices-list"}
+        )
+
+    return Starlette(
+        routes=[
+            Route("/", page, methods=["GET"]),
+            Route("/search", search_text, methods=["GET"]),
+            Route("/search", search_image, methods=["POST"]),
+            Route("/sample/{uid:path}", sample, methods=["GET"]),
+            Route("/info", info, methods=["GET"]),
+            Route("/knn-service", knn, methods=["POST"]),
+            Route("/metadata", metadata, methods=["POST"]),
+            Route("/indices-list", indices, methods=["GET"]),
+        ],
+        middleware=[
+            Middleware(
+                CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"]
             )
-        except RetrievalIndexError as e:
-            self._json(400, {"error": str(e)})
+        ],
+        exception_handlers={
+            RetrievalIndexError: bad_request,
+            _BodyError: bad_body,
+            404: not_found,
+            405: not_found,
+        },
+    )
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _timed_protocol(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for a request's line and headers: uvicorn times out only an
+    idle kept-alive connection, so a client that connects and trickles its headers (or sends nothing)
+    would hold its connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _header_deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            self._header_deadline = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _headers_late(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # no request under way
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
+class IndexServer:
+    """uvicorn serving :func:`make_app` on a socket bound at construction (port 0: a free one, known from
+    ``server_address`` before serving). ``serve_forever()`` blocks; ``shutdown()`` (from another thread)
+    stops it and waits; ``server_close()`` closes the socket."""
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        name: str = "curate",
+        columns: Sequence[str] = DEFAULT_COLUMNS,
+        allow_private: Sequence[str] = (),
+        header_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        keep_alive: int = 5,
+        max_connections: int = 1024,
+    ):
+        uvicorn, _ = _require_serve()
+        self.retriever = retriever
+        self.app = make_app(
+            retriever,
+            name=name,
+            columns=columns,
+            fetch_image=image_fetcher(allow_private),
+            body_timeout=body_timeout,
+        )
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=2048)
+        self.server_address = self.socket.getsockname()[:2]
+        config = uvicorn.Config(
+            self.app,
+            http=_timed_protocol(header_timeout),
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=keep_alive,
+            limit_concurrency=max_connections,
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def make_server(retriever: Retriever, host: str = "127.0.0.1", port: int = 0, **options: Any) -> IndexServer:
+    """An :class:`IndexServer` over ``retriever``, bound but not yet serving (call ``serve_forever``);
+    ``options`` as :class:`IndexServer` takes them."""
+    return IndexServer(retriever, host, port, **options)
 
 
 def _page(r: Retriever) -> str:
