@@ -14,7 +14,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
 )
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from support.stages import register_test_stages
@@ -95,11 +94,14 @@ def score_shard(images: list, status=None, drop=None, **extra):
 
 
 def sidecars(output: Path):
-    """All sidecar parquets of an output, concatenated in shard order."""
+    """All sidecar parquets of an output, concatenated in shard order, as curate's tools read them (``status``
+    is curate's code whatever ``output.naming`` wrote)."""
     import pyarrow as pa
 
+    from curate.core.output import read_sidecar
+
     files = sorted((output / "shards").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    return pa.concat_tables([read_sidecar(f) for f in files], promote_options="permissive")
 
 
 def shard_files(output: Path) -> dict[str, bytes]:

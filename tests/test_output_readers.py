@@ -62,7 +62,8 @@ def test_code_written_for_img2dataset_reads_the_run(run):
         assert s["end_time"] - s["start_time"] == pytest.approx(s["duration"], abs=1e-5) and s["duration"] > 0
     # Its parquet, by its column names.
     df = pd.concat(pd.read_parquet(f) for f in sorted(glob.glob(folder + "/*.parquet")))
-    cols = ["key", "url", "caption", "error_message", "width", "height", "original_width", "original_height"]
+    cols = ["key", "status", "url", "caption", "error_message", "width", "height", "original_width"]
+    cols += ["original_height"]
     df = df[[*cols, "exif", "sha256"]]
     # Its tars: key.jpg, key.txt, key.json whose "key" is the member's key.
     samples = list(
@@ -75,6 +76,9 @@ def test_code_written_for_img2dataset_reads_the_run(run):
     assert failed == (~ok).sum() and status_dict["success"] == successes
     assert sum(status_dict.values()) == count
     assert df["key"].tolist() == side["uid"].tolist()
+    # status is img2dataset's outcome (curate's own code is curate_status, which curate's tools read).
+    assert (df["status"] == "success").tolist() == ok.tolist()
+    assert set(df["status"]) <= {"success", "failed_to_download", "failed_to_resize"}
     assert df["error_message"].isna().tolist() == ok.tolist()
     got = df[df["error_message"].isna()]
     assert (got["original_width"] >= got["width"]).all() and (got["width"] == 32).all()
@@ -86,6 +90,7 @@ def test_code_written_for_img2dataset_reads_the_run(run):
             meta["key"] == s["__key__"] and meta["error_message"] is None and s["jpg"][:3] == b"\xff\xd8\xff"
         )
         assert (meta["original_width"], meta["original_height"]) == (meta["orig_width"], meta["orig_height"])
+        assert (meta["status"], meta["curate_status"]) == ("success", "ok")
     # Every curate status is one of img2dataset's three outcomes.
     outcomes = Counter(img2dataset_status(s) for s in side["status"])
     assert outcomes["success"] == successes and sum(outcomes.values()) == count

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from curate.core.output import read_sidecar
 from curate.core.writer import ShardWriter, image_extension
 
 
@@ -128,18 +129,31 @@ def test_img2dataset_names_are_added_and_made_again_on_rewrite(tmp_path):
         "00000", t, {"stages": {"read": {"seconds": 0.25}}}
     )
     side = pq.read_table(tmp_path / "shards/00000.parquet")
-    assert side.column_names[-6:] == [
+    assert side.column_names[-7:] == [
         "score",
         "key",
         "error_message",
         "original_width",
         "original_height",
         "exif",
+        "curate_status",
     ]
     assert side["key"].to_pylist() == side["uid"].to_pylist()
     assert side["error_message"].to_pylist() == [None, None, "404 Not Found", None]
     assert side["original_width"].to_pylist() == [8, None, None, 9]
-    assert side["exif"].null_count == 4 and side["status"].to_pylist() == ["ok", "ok", "http_404", "ok"]
+    assert side["exif"].null_count == 4
+    # status is img2dataset's outcome; curate's own code is in curate_status, and curate's readers get it back.
+    assert side["status"].to_pylist() == ["success", "success", "failed_to_download", "success"]
+    assert side["curate_status"].to_pylist() == ["ok", "ok", "http_404", "ok"]
+    ours = read_sidecar(tmp_path / "shards/00000.parquet")
+    assert (
+        ours["status"].to_pylist() == ["ok", "ok", "http_404", "ok"]
+        and "curate_status" not in ours.column_names
+    )
+    assert read_sidecar(tmp_path / "shards/00000.parquet", ["uid", "status"]).column_names == [
+        "uid",
+        "status",
+    ]
     assert {
         k: stats[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration")
     } == {
@@ -157,9 +171,10 @@ def test_img2dataset_names_are_added_and_made_again_on_rewrite(tmp_path):
     with tarfile.open(tmp_path / "shards/00000.tar") as tar:
         meta = json.load(tar.extractfile(f"{'c' * 32}.json"))
     assert (meta["key"], meta["original_width"], meta["error_message"]) == ("c" * 32, 8, None)
+    assert (meta["status"], meta["curate_status"]) == ("success", "ok")
     # A retried or grown shard comes back from its sidecar: the same columns, made again, not doubled.
     again = ShardWriter(str(tmp_path / "again"), naming="img2dataset")
-    again.write("00000", side.append_column("image", t["image"]), {})
+    again.write("00000", ours.append_column("image", t["image"]), {})
     assert (tmp_path / "again/shards/00000.parquet").read_bytes() == (
         tmp_path / "shards/00000.parquet"
     ).read_bytes()

@@ -57,11 +57,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate.base import ConfigError, InputError
 from curate.core.config import PipelineConfig, canonical_json
-from curate.core.output import DONE, PREVIOUS, OutputFolder
+from curate.core.output import DONE, PREVIOUS, OutputFolder, read_sidecar
 from curate.core.pipeline import BoundStage, PhaseShards, Pipeline
 from curate.core.reader import InputReader, ShardSpec
 from curate.core.stage import GlobalStage, set_column
@@ -273,7 +272,7 @@ def read_shard(out: OutputFolder, shard: str, images: bool) -> pa.Table:
     the shard's tar, dropped rows' thumbnails from its dropped/ audit tar (none where output.dropped_thumbnails
     is off), so that rewriting the shard keeps them (a thumbnail of a thumbnail is the same picture)."""
     with out.fs.open(out.shard_parquet(shard), "rb") as f:
-        table = pq.read_table(f)
+        table = read_sidecar(f)
     if not images:
         return table
     found: dict[str, bytes] = {}

@@ -48,12 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from curate.base import ConfigError
 from curate.core.storage import TMP_MARK, clean_temp, filesystem, read_json, write_json_atomic
 
 __all__ = [
+    "CURATE_STATUS",
     "DEDUP",
     "DONE",
     "DROPPED",
@@ -75,6 +78,7 @@ __all__ = [
     "collect_output",
     "driver_alive",
     "driver_identity",
+    "read_sidecar",
 ]
 
 # The entries of an output folder.
@@ -411,6 +415,27 @@ class OutputFolder:
         """Remove ``work/``: the shards between phases, not needed once the last phase has them all."""
         if self.fs.exists(self.work_dir):
             self.fs.rm(self.work_dir, recursive=True)
+
+
+# With output.naming: img2dataset a sidecar's ``status`` holds img2dataset's outcome (``success``,
+# ``failed_to_download``, ``failed_to_resize``) for its readers, and this column curate's own status.
+CURATE_STATUS = "curate_status"
+
+
+def read_sidecar(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """A shard's parquet sidecar (a path or an open file) as curate's own tools read it: ``status`` is always
+    curate's status, whatever ``output.naming`` the run wrote with (see :data:`CURATE_STATUS`)."""
+    parquet = pq.ParquetFile(source)
+    swap = CURATE_STATUS in parquet.schema_arrow.names
+    wanted = None if columns is None else list(columns)
+    if swap and wanted is not None and "status" in wanted and CURATE_STATUS not in wanted:
+        wanted.append(CURATE_STATUS)
+    table = parquet.read(columns=wanted)
+    if not swap or "status" not in table.column_names:
+        return table
+    status = table[CURATE_STATUS]
+    table = table.set_column(table.column_names.index("status"), "status", status)
+    return table.drop_columns([CURATE_STATUS])
 
 
 def _remote(fs: AbstractFileSystem) -> bool:

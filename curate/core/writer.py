@@ -22,9 +22,10 @@ With ``output.naming: img2dataset`` the parquet and the tar's json also carry im
 beside curate's ``url``, ``caption``, ``width``, ``height``, ``sha256``), and the stats its fields
 (:func:`img2dataset_stats`: ``count``, ``successes``, ``failed_to_download``, ``failed_to_resize``,
 ``duration``, ``start_time``, ``end_time``, ``status_dict``), so that code written for img2dataset's output
-reads curate's. ``status`` keeps curate's codes (``ok``, ``http_404``, ...): curate's own tools (report,
-preview, retry, growing a run, the index) read it from the sidecars; img2dataset's three outcomes are the
-stats' counts and :func:`img2dataset_status`.
+reads curate's. There ``status`` (in the parquet and the tar's json) holds img2dataset's outcome
+(:func:`img2dataset_status`: ``success``, ``failed_to_download``, ``failed_to_resize``) and ``curate_status``
+curate's own code (``ok``, ``http_404``, ...); curate's tools read sidecars through
+:func:`curate.core.output.read_sidecar`, which gives curate's code back in ``status``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.core.output import OutputFolder
+from curate.core.output import CURATE_STATUS, OutputFolder
 from curate.core.schema import COLUMNS, canonical_order, is_kept, reason_bucket
 from curate.core.storage import write_atomic, write_json_atomic
 from curate.kit.captions import TrainCaption
@@ -51,6 +52,7 @@ __all__ = [
     "ShardWriter",
     "image_extension",
     "img2dataset_columns",
+    "img2dataset_outward",
     "img2dataset_stats",
     "img2dataset_status",
     "shard_counts",
@@ -152,6 +154,14 @@ def img2dataset_columns(table: pa.Table) -> pa.Table:
     return table
 
 
+def img2dataset_outward(table: pa.Table) -> pa.Table:
+    """``status`` as img2dataset's outcome, curate's code moved to ``curate_status`` (the last column)."""
+    codes = table["status"]
+    outcomes = pa.array([img2dataset_status(s) for s in codes.to_pylist()], pa.string())
+    table = table.set_column(table.column_names.index("status"), "status", outcomes)
+    return table.append_column(CURATE_STATUS, codes)
+
+
 def img2dataset_stats(table: pa.Table, stats: dict[str, Any], end_time: float) -> dict[str, Any]:
     """img2dataset's ``_stats.json`` fields for the shard: counts of its three outcomes, ``status_dict``
     (``success`` and each failure's error message, as img2dataset counts them), and times: ``duration`` is the
@@ -213,6 +223,8 @@ class ShardWriter:
         tar_bytes, samples = self._tar(table)
         dropped_bytes, thumbnails = _dropped_tar(table) if self.dropped_thumbnails else (b"", 0)
         sidecar = table.drop_columns([c for c in ("image",) if c in table.column_names])
+        if self.naming == "img2dataset":
+            sidecar = img2dataset_outward(sidecar)
         buf = io.BytesIO()
         pq.write_table(sidecar, buf, compression="zstd")
         write_atomic(fs, paths["tar"], tar_bytes)
@@ -236,11 +248,13 @@ class ShardWriter:
     def _tar(self, table: pa.Table) -> tuple[bytes, int]:
         kept = table.filter(is_kept(table))
         kept = kept.take(pc.sort_indices(kept, [("uid", "ascending")]))
+        texts = self.train_caption.texts(kept)
+        if self.naming == "img2dataset":
+            kept = img2dataset_outward(kept)
         meta_cols = [
             c for c in kept.column_names if c != "image" and (c not in COLUMNS or COLUMNS[c].in_json)
         ]
         images = kept["image"].to_pylist() if "image" in kept.column_names else [None] * kept.num_rows
-        texts = self.train_caption.texts(kept)
         out = io.BytesIO()
         with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for i, row in enumerate(kept.select(meta_cols).to_pylist()):

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.base import RetrievalIndexError
-from curate.core.output import OutputFolder
+from curate.core.output import OutputFolder, read_sidecar
 
 __all__ = ["EXTRA_CAPTIONS", "RunRows", "check_compatible", "read_run", "unique_new"]
 
@@ -81,7 +81,7 @@ def read_run(path: str, progress: Callable[[str], None] | None = None) -> RunRow
                     f"{path}: shard {shard} has no image_embedding column: run clip_score with embeddings: true"
                 )
             f.seek(0)
-            table = pq.read_table(f, columns=[c for c in wanted if c in schema.names])
+            table = read_sidecar(f, columns=[c for c in wanted if c in schema.names])
         ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
         kept = table.filter(pc.and_(ok, pc.is_null(table["drop_reason"])))
         skipped["dropped"] += table.num_rows - kept.num_rows

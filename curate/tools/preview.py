@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from curate.base import ConfigError
-from curate.core.output import OutputFolder
+from curate.core.output import OutputFolder, read_sidecar
 from curate.core.storage import filesystem, write_atomic
 from curate.kit.rules import Rule, first_failure, parse_rule
 from curate.tools.html_page import card, card_images, escape, histogram, page
@@ -226,7 +226,7 @@ def _read_population(
     parts = []
     for shard in shards:
         with out.fs.open(out.shard_parquet(shard), "rb") as f:
-            t = pq.read_table(f, columns=wanted)
+            t = read_sidecar(f, columns=wanted)
         ok = pc.fill_null(pc.equal(t["status"], "ok"), False)
         ours = pc.or_(pc.is_null(t["drop_reason"]), pc.is_in(t["drop_reason"], made_by_filters))
         t = t.filter(pc.and_(ok, pc.fill_null(ours, False)))

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.base import ConfigError
-from curate.core.output import OutputFolder, collect_output
+from curate.core.output import OutputFolder, collect_output, read_sidecar
 from curate.core.schema import reason_bucket
 from curate.core.storage import write_atomic
 from curate.kit.rules import Rule
@@ -242,7 +242,7 @@ def _scan(
     for shard in shards:
         with out.fs.open(out.shard_parquet(shard), "rb") as f:
             present = pq.read_schema(f).names
-            t = pq.read_table(f, columns=[c for c in wanted if c in present])
+            t = read_sidecar(f, columns=[c for c in wanted if c in present])
         _count_domains(t, rows_by_domain, failed, statuses)
         ok = _np(pc.fill_null(pc.equal(t["status"], "ok"), False))
         kept = ok & _np(pc.is_null(t["drop_reason"]))

@@ -26,13 +26,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.console import Console
 
 from curate.base import ConfigError
 from curate.core.config import parse_config
 from curate.core.grow import Changes, Redecision, apply_changes, read_shard, redecidable, rewrite_shard
-from curate.core.output import OutputFolder, collect_output
+from curate.core.output import OutputFolder, collect_output, read_sidecar
 from curate.core.pipeline import Pipeline
 from curate.core.schema import COLUMNS, CORE_COLUMNS
 from curate.core.stage import GlobalStage, set_column
@@ -109,7 +108,7 @@ def _retry(pipeline: Pipeline, out: OutputFolder, match: re.Pattern, console: Co
     for shard in out.finished_shards():
         paths = out.shard_files(shard)
         with fs.open(paths["parquet"], "rb") as f:
-            sidecar = pq.read_table(f)
+            sidecar = read_sidecar(f)
         picked = [i for i, s in enumerate(sidecar["status"].to_pylist()) if s and match.match(s)]
         if not picked:
             continue
@@ -141,7 +140,7 @@ def _retry(pipeline: Pipeline, out: OutputFolder, match: re.Pattern, console: Co
 
 def _picked(out: OutputFolder, shard: str, match: re.Pattern) -> list[int]:
     with out.fs.open(out.shard_parquet(shard), "rb") as f:
-        statuses = pq.read_table(f, columns=["status"])["status"].to_pylist()
+        statuses = read_sidecar(f, columns=["status"])["status"].to_pylist()
     return [i for i, s in enumerate(statuses) if s and match.match(s)]
 
 

@@ -64,6 +64,7 @@ KEEP = frozenset(
         "uid",
         "input_index",
         "status",
+        "curate_status",
         "drop_reason",
         "sha256",
         "md5",
