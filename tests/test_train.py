@@ -517,3 +517,30 @@ def test_the_demo_comparison_trains_both_corpora_and_scores_them_alike(run, tmp_
     assert json.loads((tmp_path / "train" / "comparison.json").read_text())["prompts"] == 6
     print_comparison(report, console)
     assert "prompt adherence" in console.export_text()
+
+
+def test_memory_and_speed_options(run, tmp_path):
+    """Gradient checkpointing recomputes the same activations (the same weights after training); bf16
+    autocast trains on the CPU too; what needs CUDA or a package that is not installed says so before
+    training."""
+    import importlib.util
+
+    over = {"schedule.steps": 2, "checkpoint.every": 2, "validation.prompts": []}
+    train(_config(run, tmp_path / "a", **over), progress=False)
+    train(_config(run, tmp_path / "b", **over, **{"model.gradient_checkpointing": True}), progress=False)
+    a = load_file(tmp_path / "a/checkpoints/step-00000002/model.safetensors")
+    b = load_file(tmp_path / "b/checkpoints/step-00000002/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    bf16 = train(_config(run, tmp_path / "c", **over, **{"optim.precision": "bf16"}), progress=False)
+    assert np.isfinite(bf16["history"][-1]["loss"])
+    c = load_file(tmp_path / "c/checkpoints/step-00000002/model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # autocast did compute in bf16
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="fp16 needs a CUDA device"):
+            train(_config(run, tmp_path / "d", **over, **{"optim.precision": "fp16"}), progress=False)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(TrainError, match=r"bitsandbytes.*curate\[gpu\]"):
+            train(_config(run, tmp_path / "e", **over, **{"optim.optimizer": "adamw8bit"}), progress=False)
+    if importlib.util.find_spec("xformers") is None:
+        with pytest.raises(TrainError, match="xformers"):
+            train(_config(run, tmp_path / "f", **over, **{"model.attention": "xformers"}), progress=False)

@@ -130,13 +130,71 @@ def test_inception_extractor(tmp_path, suffix):
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    for kind in ("inception", "auto"):
+    for kind in ("torchvision_inception", "auto"):
         extractor = load_feature_extractor(kind, inception_weights=str(path), batch_size=2)
-        assert extractor.dim == 2048 and extractor.name.startswith("inception")
+        assert extractor.dim == 2048 and extractor.name.startswith("torchvision_inception_v3:")
+    with pytest.raises(ValueError, match="not the FID Inception"):
+        load_feature_extractor("inception", inception_weights=str(path))
     feats = extractor(_images(3))
     assert feats.shape == (3, 2048) and feats.dtype == np.float64
     assert np.isfinite(feats).all()
     assert not np.allclose(feats[0], feats[1])
+
+
+def _fid_inception_file(path, seed: int = 0):
+    """A file of pytorch-fid's weights layout (pt_inception-2015-12-05-6726825d.pth): the state dict of
+    fid_inception_v3's network (torchvision's Inception-v3 with 1008 classes, no auxiliary head, the FID
+    blocks), random here, saved with torch.save."""
+    from pytorch_fid import inception as pfi
+
+    torch.manual_seed(seed)
+    net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pfi.FIDInceptionE_1(1280)
+    net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def test_fid_inception_loads_the_pytorch_fid_weights_file_and_gives_its_pool_features(tmp_path):
+    """The README's file, pytorch-fid's pt_inception-2015-12-05-6726825d.pth, loads strictly into pytorch-fid's
+    own InceptionV3, and the features are that network's: its pool3 output for [0, 1] inputs."""
+    pytest.importorskip("pytorch_fid")
+    from pytorch_fid.inception import InceptionV3
+
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    net = _fid_inception_file(path)
+    for kind in ("inception", "auto"):
+        extractor = load_feature_extractor(kind, inception_weights=str(path), batch_size=2)
+        assert extractor.dim == 2048 and extractor.name == f"fid_inception_v3:{path.name}"
+    images = _images(5)  # three sizes: batched by size, returned in order
+    feats = extractor(images)
+    assert feats.shape == (5, 2048) and np.isfinite(feats).all()
+    # the same as pytorch-fid's InceptionV3 built on this state dict, image by image
+    from curate.train.metrics import fid_inception
+
+    reference = fid_inception(path).eval()
+    assert isinstance(reference, InceptionV3)
+    # the file's weights, first and last layers (strictly loaded: every other layer too)
+    assert torch.equal(reference.blocks[0][0].conv.weight, net.Conv2d_1a_3x3.conv.weight)
+    assert torch.equal(reference.blocks[3][2].branch_pool.conv.weight, net.Mixed_7c.branch_pool.conv.weight)
+    for im, f in zip(images, feats, strict=True):
+        x = torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            want = reference(x)[0].flatten().numpy()
+        np.testing.assert_allclose(f, want, rtol=1e-4, atol=1e-5)
+    # a truncated or renamed state dict fails the strict load instead of scoring with random layers
+    state = torch.load(path, weights_only=True)
+    state.pop("Mixed_7c.branch_pool.conv.weight")
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_feature_extractor("inception", inception_weights=str(tmp_path / "broken.pth"))
 
 
 def test_auto_without_anything_says_what_to_pass(tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoints in safetensors: ``<output>/checkpoints/step-00000500/``
 
-    model.safetensors       the denoiser (UNet + retrieval tokens)
+    model.safetensors       the denoiser (UNet + retrieval tokens); with LoRA only what is trained (the
+                            adapters): the frozen UNet is the pretrained pipeline's
     ema.safetensors         its exponential moving average (when optim.ema_decay is set)
     optimizer.safetensors   AdamW's tensors, flattened as state.<param>.<name>; param groups in its metadata
     state.json              step, config, data position (batches consumed per rank and worker), the text
@@ -65,16 +66,18 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int,
+    only: set[str] | None = None,
 ) -> Path:
+    """Write checkpoint ``step``; ``only`` names the weights to keep (LoRA: the trained ones), default all."""
     root = folder / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        save_file(_tensors(model), tmp / "model.safetensors")
+        save_file(_tensors(model, only), tmp / "model.safetensors")
         if ema is not None:
-            save_file(_tensors(ema), tmp / "ema.safetensors")
+            save_file(_tensors(ema, only), tmp / "ema.safetensors")
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors", metadata=meta)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
@@ -89,8 +92,10 @@ def save_checkpoint(
     return final
 
 
-def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _tensors(module: torch.nn.Module, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if only is None or k in only
+    }
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:
@@ -113,5 +118,9 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> None:
-    module.load_state_dict(load_file(str(path)))
+def load_weights(module: torch.nn.Module, path: Path, partial: bool = False) -> None:
+    """Load ``path`` into ``module``; ``partial``: the file holds only some of its weights (LoRA adapters),
+    each of which must exist in the module."""
+    result = module.load_state_dict(load_file(str(path)), strict=not partial)
+    if partial and result.unexpected_keys:
+        raise ValueError(f"{path}: weights the model does not have: {result.unexpected_keys[:5]}")

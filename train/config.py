@@ -29,6 +29,7 @@ from curate.kit.rules import parse_rule
 __all__ = [
     "CheckpointConfig",
     "DataConfig",
+    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "RetrievalConfig",
@@ -66,12 +67,23 @@ class DataConfig(StrictModel):
     flip: bool = Field(False, description="random horizontal flips (off for text that names sides)")
     shuffle_buffer: int = Field(1000, ge=0)
     workers: int = Field(0, ge=0, description="DataLoader workers per rank")
+    cache: bool = Field(
+        False,
+        description="encode captions (and, with a VAE, images) once into <output>/cache and train from that "
+        "(needs crop: center, flip: false)",
+    )
     holdout: float = Field(
         0.0,
         ge=0,
         lt=1,
         description="share of samples (by uid hash) kept out of training: the FID/KID reference set",
     )
+
+    @model_validator(mode="after")
+    def _cacheable(self) -> DataConfig:
+        if self.cache and (self.crop != "center" or self.flip):
+            raise ValueError("cache needs crop: center and flip: false: a cached image has one preprocessing")
+        return self
 
     @field_validator("rules")
     @classmethod
@@ -184,7 +196,41 @@ class RetrievalConfig(StrictModel):
     )
 
 
+class LoraConfig(StrictModel):
+    rank: int = Field(4, ge=1, description="the LoRA matrices' rank")
+    alpha: float | None = Field(None, gt=0, description="the scale is alpha / rank; default: alpha = rank")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        min_length=1,
+        description="the UNet's modules that get adapters (diffusers' LoRA script: its attention projections)",
+    )
+
+
+# What a pretrained pipeline decides: setting any of these beside model.pretrained is an error.
+PIPELINE_DECIDES = (
+    "unet",
+    "text_encoder",
+    "vae",
+    "prediction",
+    "pooled_text",
+    "train_timesteps",
+    "beta_schedule",
+)
+
+
 class ModelConfig(StrictModel):
+    pretrained: str | None = Field(
+        None,
+        description="a diffusers Stable Diffusion 1.x/2.x pipeline folder or hub id: fine-tune its UNet with "
+        "its text encoder, VAE and noise schedule (prediction type from its scheduler config)",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters of the pretrained UNet (peft) instead of all its weights"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute the UNet's activations in backward")
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa", description="sdpa: torch's scaled_dot_product_attention (diffusers' default); xformers"
+    )
     unet: UNetConfig = Field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     vae: VAEConfig | None = Field(None, description="latent diffusion through this VAE; none: pixel space")
@@ -195,6 +241,24 @@ class ModelConfig(StrictModel):
     train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     retrieval: RetrievalConfig | None = None
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> ModelConfig:
+        if self.pretrained:
+            fields = type(self).model_fields
+            clash = [
+                k
+                for k in PIPELINE_DECIDES
+                if getattr(self, k) != fields[k].get_default(call_default_factory=True)
+            ]
+            if clash:
+                raise ValueError(
+                    f"{', '.join(clash)}: the pretrained pipeline decides {'these' if len(clash) > 1 else 'this'}"
+                    " (its unet/, text_encoder/, vae/ and scheduler/); leave them out beside pretrained"
+                )
+        elif self.lora is not None:
+            raise ValueError("lora adapts a pretrained UNet: set model.pretrained too")
+        return self
 
 
 class OptimConfig(StrictModel):
@@ -207,7 +271,13 @@ class OptimConfig(StrictModel):
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(0.999, ge=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast: auto is bf16 on CUDA, fp32 on the CPU; fp16 (with a gradient scaler) needs CUDA",
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (the gpu extra)"
+    )
     snr_gamma: float | None = Field(
         5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023): min(SNR, gamma); none: plain MSE"
     )
@@ -236,8 +306,15 @@ class ValidationConfig(StrictModel):
     seed: int = 0
     clip_score: bool = True
     fid_samples: int = Field(0, ge=0, description="held-out images for FID/KID; 0 skips them")
-    feature_extractor: Literal["auto", "inception", "clip"] = "auto"
-    inception_weights: str | None = None
+    feature_extractor: Literal["auto", "inception", "clip", "torchvision_inception"] = Field(
+        "auto",
+        description="inception: the FID Inception (pytorch-fid's network and weights file); clip: the "
+        "curation's CLIP image tower; torchvision_inception: torchvision's Inception-v3 state dict; auto: "
+        "inception when inception_weights is a file, else clip",
+    )
+    inception_weights: str | None = Field(
+        None, description="a local weights file: pt_inception-2015-12-05-6726825d.pth for inception"
+    )
     adherence: bool = Field(False, description="the sample world's exact prompt-adherence score")
     eval_prompts: list[str] = Field(
         default_factory=list,
@@ -256,6 +333,12 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    logging: Literal["tensorboard", "wandb"] = Field(
+        "tensorboard",
+        description="tensorboard: <output>/logs; wandb: Weights & Biases too, the same scalars and sample "
+        "grids (project: wandb_project, else name; WANDB_MODE=offline works without a network)",
+    )
+    wandb_project: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -116,6 +116,7 @@ class Sample:
     txt: str | None
     index: int = 0  # position in its read order (for sample-level splitting)
     neighbours: Any = field(default=None, repr=False)
+    shard: str = ""
 
 
 def iter_samples(shard: str) -> Iterator[Sample]:
@@ -151,7 +152,7 @@ def _sample(shard: str, group: dict[str, Any]) -> Sample:
         raise TrainDataError(f"{shard}: {key}.json is a JSON {type(meta).__name__}, not an object")
     txt = group["txt"].decode("utf-8", "replace") if "txt" in group else None
     uid = str(meta.get("uid") or key.rsplit("/", 1)[-1])
-    return Sample(uid, group[ext] if ext else None, ext, meta, txt)
+    return Sample(uid, group[ext] if ext else None, ext, meta, txt, shard=shard)
 
 
 def in_holdout(uid: str, share: float) -> bool:
@@ -243,6 +244,7 @@ class ShardStream:
         world: int = 1,
         consumed: dict[int, int] | None = None,
         neighbours: Any | None = None,
+        cache: Any | None = None,
     ):
         if not shards:
             raise TrainDataError("no shards to train on")
@@ -253,6 +255,7 @@ class ShardStream:
         self.rank, self.world = rank, world
         self.consumed = dict(consumed or {})
         self.neighbours = neighbours
+        self.cache = cache  # a curate.train.cache.ShardCache: encoded captions (and latents) instead
         self.rules = [parse_rule(r) for r in cfg.rules]
 
     # -- the stream of one slot -------------------------------------------------------------------------
@@ -333,18 +336,23 @@ class ShardStream:
     def _collate(self, batch: list[Sample], worker: int, number: int, epoch: int) -> dict[str, Any]:
         import torch
 
-        pixels = [
-            to_pixels(
-                s.image,
-                self.cfg.resolution,
-                self.cfg.crop,
-                self.cfg.flip,
-                np.random.default_rng(_seed(self.seed, "augment", epoch, s.uid)),
-                name=f"{s.uid}.{s.ext}",
-            )
-            for s in batch
-        ]
+        cached = self.cache.batch(batch) if self.cache is not None else {}
+        if "cached_mean" in cached:  # the latents' distribution: no image to decode
+            pixels = [np.zeros(0, np.float32)] * len(batch)
+        else:
+            pixels = [
+                to_pixels(
+                    s.image,
+                    self.cfg.resolution,
+                    self.cfg.crop,
+                    self.cfg.flip,
+                    np.random.default_rng(_seed(self.seed, "augment", epoch, s.uid)),
+                    name=f"{s.uid}.{s.ext}",
+                )
+                for s in batch
+            ]
         out: dict[str, Any] = {
+            **cached,
             "pixels": torch.from_numpy(np.stack(pixels)),
             "captions": [caption_of(s, self.cfg.caption) for s in batch],
             "uids": [s.uid for s in batch],

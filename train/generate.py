@@ -16,7 +16,7 @@ import torch
 
 from curate.train.checkpoint import load_weights, read_state
 from curate.train.config import TrainConfig
-from curate.train.model import Generator, TextEncoder, load_vae
+from curate.train.model import Generator, load_frozen
 
 __all__ = ["generate", "load_generator"]
 
@@ -25,15 +25,16 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", ema: bool = True
     state = read_state(checkpoint)
     cfg = TrainConfig.model_validate(state["config"])
     dev = torch.device(device)
-    text = TextEncoder.load(cfg.model.text_encoder, state.get("text_encoder", {}).get("run_clip"), dev)
-    gen = Generator(cfg.model, cfg.data.resolution, text, load_vae(cfg.model, dev), state.get("clip_dim"))
+    text, vae, pretrained = load_frozen(cfg.model, state.get("text_encoder", {}).get("run_clip"), dev)
+    torch.manual_seed(cfg.seed)  # as in training: LoRA adapters are initialised before their weights load
+    gen = Generator(cfg.model, cfg.data.resolution, text, vae, state.get("clip_dim"), pretrained)
     path = Path(state["path"])
     weights = (
         path / "ema.safetensors"
         if ema and (path / "ema.safetensors").exists()
         else path / "model.safetensors"
     )
-    load_weights(gen.denoiser, weights)
+    load_weights(gen.denoiser, weights, partial=cfg.model.lora is not None)
     gen.denoiser.to(dev).eval()
     return gen, state
 

@@ -2,11 +2,13 @@
 
 The formulas need only numpy (no scipy); the features come from a ``FeatureExtractor``:
 
-- ``inception``: torchvision's Inception-v3, 2048-d pool features, the network of FID and KID. Its weights
-  are not fetched here (the trainer must run offline): pass a local state dict (``.pth`` or
-  ``.safetensors``) as ``inception_weights``. torchvision's ImageNet weights are close to, but not the same
-  as, the TensorFlow graph of the original FID, so even these numbers differ a little from clean-fid's or
-  torch-fidelity's.
+- ``inception``: the FID Inception network, the one FID and KID numbers in papers are computed with
+  (pytorch-fid's port of the TensorFlow graph: ``pytorch_fid.inception.InceptionV3``, its 2048-d pool
+  features, inputs resized bilinearly to 299x299 and scaled to [-1, 1]). Its weights are not fetched here
+  (the trainer must run offline): ``inception_weights`` is a local copy of pytorch-fid's
+  ``pt_inception-2015-12-05-6726825d.pth`` (from its GitHub release), loaded strictly.
+- ``torchvision_inception``: torchvision's Inception-v3 with a local state dict (``.pth`` or
+  ``.safetensors``). Close to, but not, the FID network: its numbers do not compare with published FIDs.
 - ``clip``: the unit-length image embeddings of the CLIP model that the curate run already has (a
   ``curate.models.clip.ClipModel``). Kynkäänniemi et al. 2023, "The Role of ImageNet Classes in Fréchet
   Inception Distance", show that Inception features let FID follow ImageNet class content rather than
@@ -27,7 +29,9 @@ import numpy as np
 __all__ = [
     "FeatureExtractor",
     "clip_score",
+    "fid_inception",
     "frechet_distance",
+    "is_fid_inception",
     "kernel_inception_distance",
     "load_feature_extractor",
 ]
@@ -166,6 +170,67 @@ def _load_state_dict(path: Path) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _to_unit(im) -> Any:
+    """A PIL image -> [3, H, W] float in [0, 1], as pytorch-fid's ToTensor gives it."""
+    import torch
+
+    return torch.from_numpy(np.array(im.convert("RGB"), np.float32)).permute(2, 0, 1) / 255.0
+
+
+def _by_size(images: list, run) -> np.ndarray:
+    """``run(batch)`` over the images grouped by size (a batch must be one size), in the images' order."""
+    import torch
+
+    out: list[Any] = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.size, []).append(i)
+    for idx in groups.values():
+        feats = run(torch.stack([_to_unit(images[i]) for i in idx]))
+        for i, f in zip(idx, feats, strict=True):
+            out[i] = f
+    return np.stack(out)
+
+
+def is_fid_inception(state: dict) -> bool:
+    """Whether a state dict is the FID Inception's (1008 classes, no auxiliary head) rather than
+    torchvision's Inception-v3 (1000 classes, AuxLogits)."""
+    fc = state.get("fc.weight")
+    return fc is not None and fc.shape[0] == 1008 and not any(k.startswith("AuxLogits.") for k in state)
+
+
+def fid_inception(weights: Path):
+    """pytorch-fid's ``InceptionV3`` (the FID network, pool features) with the weights file at ``weights``,
+    loaded strictly. pytorch-fid only loads its weights from its release URL; here its loader is handed the
+    local file instead, so the network, its blocks and its input handling stay pytorch-fid's own."""
+    from unittest import mock
+
+    from pytorch_fid import inception as pfi
+
+    state = _load_state_dict(weights)
+    if not is_fid_inception(state):
+        raise ValueError(
+            f"{weights} is not the FID Inception's weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth); "
+            "for a torchvision Inception-v3 state dict use feature_extractor: torchvision_inception"
+        )
+    with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
+        return pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], use_fid_inception=True)
+
+
+def _fid_inception_extractor(weights: Path, device: str, batch_size: int) -> FeatureExtractor:
+    import torch
+
+    net = fid_inception(weights).eval().to(device)
+
+    def run(batch):
+        with torch.inference_mode():
+            return net(batch.to(device))[0].squeeze(-1).squeeze(-1).float().cpu().numpy()
+
+    return FeatureExtractor(
+        f"fid_inception_v3:{weights.name}", 2048, lambda ims: _by_size(ims, run), batch_size
+    )
+
+
 def _inception_extractor(weights: Path, device: str, batch_size: int) -> FeatureExtractor:
     import torch
     from torchvision.models import inception_v3
@@ -187,7 +252,7 @@ def _inception_extractor(weights: Path, device: str, batch_size: int) -> Feature
         with torch.inference_mode():
             return net(batch).float().cpu().numpy()
 
-    return FeatureExtractor(f"inception_v3:{weights.name}", 2048, encode, batch_size)
+    return FeatureExtractor(f"torchvision_inception_v3:{weights.name}", 2048, encode, batch_size)
 
 
 def _clip_extractor(clip: Any, batch_size: int) -> FeatureExtractor:
@@ -213,35 +278,42 @@ def load_feature_extractor(
 ) -> FeatureExtractor:
     """A ``FeatureExtractor`` for FD / KID.
 
-    ``kind``: ``inception`` (torchvision Inception-v3 with the state dict at ``inception_weights``, a ``.pth``
-    read with ``weights_only=True`` or a ``.safetensors``; images resized bilinearly to 299x299, ImageNet
-    normalisation, the 2048-d pool features), ``clip`` (the unit-length image embeddings of ``clip``, an
-    object with ``preprocess(PIL image) -> tensor`` and ``encode_images(list of tensors) -> array``, such as
-    ``curate.models.clip.ClipModel``), or ``auto``: inception when ``inception_weights`` names an existing
-    file, else clip when one is passed. Inception weights cannot be downloaded here (the trainer runs
-    offline), hence the CLIP fallback; see the module docstring on why CLIP features are a sound choice and
-    why the two kinds' numbers must not be compared.
+    ``kind``: ``inception`` (the FID Inception, :func:`fid_inception`, with pytorch-fid's weights file at
+    ``inception_weights``), ``torchvision_inception`` (torchvision's Inception-v3 with the state dict at
+    ``inception_weights``, a ``.pth`` read with ``weights_only=True`` or a ``.safetensors``; images resized
+    bilinearly to 299x299, ImageNet normalisation, the 2048-d pool features), ``clip`` (the unit-length image
+    embeddings of ``clip``, an object with ``preprocess(PIL image) -> tensor`` and ``encode_images(list of
+    tensors) -> array``, such as ``curate.models.clip.ClipModel``), or ``auto``: when ``inception_weights``
+    names an existing file, the Inception its layout says (the FID one or torchvision's), else clip when one
+    is passed. Inception weights cannot be downloaded here (the trainer runs offline), hence the CLIP
+    fallback; see the module docstring on why CLIP features are a sound choice and why the kinds' numbers
+    must not be compared.
     """
     weights = Path(inception_weights) if inception_weights else None
     if kind == "auto":
         if weights is not None and weights.is_file():
-            kind = "inception"
+            kind = "inception" if is_fid_inception(_load_state_dict(weights)) else "torchvision_inception"
         elif clip is not None:
             kind = "clip"
         else:
             why = f"{weights} does not exist" if weights is not None else "no inception_weights given"
             raise ValueError(
-                f"no feature extractor available ({why}, no clip model): pass inception_weights=<a local "
-                "Inception-v3 state dict, .pth or .safetensors> or clip=<a curate.models.clip.ClipModel>"
+                f"no feature extractor available ({why}, no clip model): pass inception_weights=<pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth, or a torchvision Inception-v3 state dict> or "
+                "clip=<a curate.models.clip.ClipModel>"
             )
-    if kind == "inception":
+    if kind in ("inception", "torchvision_inception"):
         if weights is None or not weights.is_file():
             raise ValueError(
-                f"kind='inception' needs inception_weights=<a local Inception-v3 state dict>, got {weights}"
+                f"kind={kind!r} needs inception_weights=<a local Inception weights file>, got {weights}"
             )
+        if kind == "inception":
+            return _fid_inception_extractor(weights, device, batch_size)
         return _inception_extractor(weights, device, batch_size)
     if kind == "clip":
         if clip is None:
             raise ValueError("kind='clip' needs clip=<a curate.models.clip.ClipModel>")
         return _clip_extractor(clip, batch_size)
-    raise ValueError(f"unknown feature extractor kind {kind!r}: use 'auto', 'inception' or 'clip'")
+    raise ValueError(
+        f"unknown feature extractor kind {kind!r}: use 'auto', 'inception', 'torchvision_inception' or 'clip'"
+    )

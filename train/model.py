@@ -5,6 +5,9 @@
   tower through open_clip (``from_run`` reads which one from the run's ``run.json``), or a transformers
   ``CLIPTextModel``;
 - optionally a frozen ``AutoencoderKL`` (latent diffusion); without one the model works in pixel space;
+- or all three (UNet, text encoder, VAE) and the noise schedule from a pretrained diffusers pipeline
+  (``model.pretrained``, :mod:`curate.train.pretrained`), its UNet fine-tuned whole or through LoRA adapters
+  (``model.lora``, peft, as diffusers' LoRA script does);
 - optionally, for retrieval-augmented generation (Re-Imagen, kNN-Diffusion, RDM), a projection of the
   neighbours' CLIP image embeddings into extra cross-attention tokens, with learned null tokens for samples
   (and guidance passes) without neighbours;
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from curate.base import TrainError
-from curate.train.config import ModelConfig, TextEncoderConfig
+from curate.train.config import LoraConfig, ModelConfig, TextEncoderConfig
 
 __all__ = [
     "Denoiser",
@@ -33,8 +36,10 @@ __all__ = [
     "RetrievalTokens",
     "Text",
     "TextEncoder",
+    "add_lora",
     "build_unet",
     "clip_from_run",
+    "load_frozen",
     "load_vae",
 ]
 
@@ -219,10 +224,17 @@ class Denoiser(nn.Module):
 
 
 class Generator:
-    """The denoiser plus the frozen parts (text encoder, VAE) and the schedulers."""
+    """The denoiser plus the frozen parts (text encoder, VAE) and the schedulers. With ``pretrained`` (a
+    pipeline folder) the UNet and the noise schedule are that pipeline's."""
 
     def __init__(
-        self, cfg: ModelConfig, resolution: int, text: TextEncoder, vae: Any | None, clip_dim: int | None
+        self,
+        cfg: ModelConfig,
+        resolution: int,
+        text: TextEncoder,
+        vae: Any | None,
+        clip_dim: int | None,
+        pretrained: Path | None = None,
     ):
         from diffusers import DDPMScheduler
 
@@ -242,16 +254,39 @@ class Generator:
         retrieval = (
             RetrievalTokens(clip_dim, text.dim, cfg.retrieval.k) if cfg.retrieval and clip_dim else None
         )
-        pooled = text.pooled_dim if cfg.pooled_text else None
-        self.denoiser = Denoiser(
-            build_unet(cfg, self.channels, self.latent_size, text.dim, pooled), retrieval
-        )
-        self.noise = DDPMScheduler(
-            num_train_timesteps=cfg.train_timesteps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type=cfg.prediction,
-            clip_sample=vae is None,
-        )
+        self.pretrained = pretrained
+        if pretrained is not None:
+            from curate.train.pretrained import load_noise_schedule, load_pipeline_unet
+
+            unet = load_pipeline_unet(pretrained)
+            self.noise = load_noise_schedule(pretrained)
+            if unet.config.cross_attention_dim != text.dim or unet.config.in_channels != self.channels:
+                raise TrainError(
+                    f"{pretrained}: its UNet (cross-attention {unet.config.cross_attention_dim}, "
+                    f"{unet.config.in_channels} channels) does not fit its text encoder ({text.dim}) and VAE "
+                    f"({self.channels} latent channels)"
+                )
+        else:
+            pooled = text.pooled_dim if cfg.pooled_text else None
+            unet = build_unet(cfg, self.channels, self.latent_size, text.dim, pooled)
+            self.noise = DDPMScheduler(
+                num_train_timesteps=cfg.train_timesteps,
+                beta_schedule=cfg.beta_schedule,
+                prediction_type=cfg.prediction,
+                clip_sample=vae is None,
+            )
+        self.prediction: str = self.noise.config.prediction_type
+        if cfg.lora is not None:
+            add_lora(unet, cfg.lora)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.attention == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                raise TrainError("model.attention xformers needs the xformers package: pip install xformers")
+            unet.enable_xformers_memory_efficient_attention()
+        self.denoiser = Denoiser(unet, retrieval)
         self._null_text: Text | None = None
 
     def null_text(self, device: Any) -> Text:
@@ -338,13 +373,44 @@ class Generator:
         return self.decode(x).cpu()
 
 
+def add_lora(unet: Any, lora: LoraConfig) -> None:
+    """Freeze the UNet and give it LoRA adapters (peft), initialised as diffusers' LoRA script does."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha or lora.rank,
+            init_lora_weights="gaussian",
+            target_modules=list(lora.target_modules),
+        )
+    )
+
+
+def load_frozen(cfg: ModelConfig, run_clip: dict[str, str] | None, device: Any):
+    """The frozen parts: ``(text encoder, VAE or None, pretrained pipeline folder or None)``."""
+    if cfg.pretrained:
+        from curate.train.pretrained import load_pipeline_text, load_pipeline_vae, pipeline_folder
+
+        folder = pipeline_folder(cfg.pretrained)
+        model, tokenizer = load_pipeline_text(folder, device)
+        length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
+        text = TextEncoder("hf", model, tokenizer, f"pretrained:{cfg.pretrained}", length)
+        return text, load_pipeline_vae(folder, device), folder
+    return TextEncoder.load(cfg.text_encoder, run_clip, device), load_vae(cfg, device), None
+
+
 def load_vae(cfg: ModelConfig, device: Any):
     if cfg.vae is None:
         return None
     from diffusers import AutoencoderKL
 
+    from curate.train.pretrained import vae_folder
+
     kwargs = {"subfolder": cfg.vae.subfolder} if cfg.vae.subfolder else {}
-    vae = AutoencoderKL.from_pretrained(cfg.vae.path, **kwargs).to(device)
+    folder = vae_folder(cfg.vae.path, cfg.vae.subfolder)  # a hub id: from the model directory (models fetch)
+    vae = AutoencoderKL.from_pretrained(str(folder), **kwargs).to(device)
     vae.requires_grad_(False)
     vae.eval()
     return vae

@@ -3,7 +3,10 @@
 AdamW with warm-up (then constant or cosine), gradient accumulation, gradient clipping, EMA, bf16 autocast
 on CUDA, classifier-free-guidance dropout of the text and (separately) of the retrieval tokens. Multi-GPU and
 multi-node through torchrun (DDP); the rank comes from torchrun's variables or, under ``srun``, from
-Slurm's. TensorBoard logs go to ``<output>/logs``.
+Slurm's. TensorBoard logs go to ``<output>/logs`` (and to Weights & Biases with ``logging: wandb``,
+:mod:`curate.train.trackers`). On GPUs: fp16 autocast with a gradient scaler, bitsandbytes' 8-bit AdamW,
+gradient checkpointing and xformers attention are options; a pretrained pipeline's UNet is fine-tuned whole
+or through LoRA adapters (then only the adapters are trained, checkpointed and averaged).
 
 Deterministic on the CPU: the noise, timesteps and dropouts of step ``s`` come from a generator seeded with
 ``(seed, rank, s, micro-step)``, the data stream is deterministic (``curate.train.data``) and a checkpoint
@@ -38,7 +41,7 @@ from curate.train.checkpoint import (
 )
 from curate.train.config import TrainConfig
 from curate.train.data import ShardStream, find_shards, run_roots
-from curate.train.model import Generator, TextEncoder, clip_from_run, load_vae
+from curate.train.model import Generator, Text, clip_from_run, load_frozen
 from curate.train.validate import PromptScorer
 
 __all__ = ["DistEnv", "Trainer", "dist_env", "train"]
@@ -64,6 +67,20 @@ def dist_env(environ: dict[str, str] | None = None) -> DistEnv:
 
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") % 2**63
+
+
+def make_optimizer(o, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimiser state in 8 bits: about 3/4 less of it on the GPU)."""
+    if o.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainError(
+                "optim.optimizer adamw8bit needs bitsandbytes, which is not installed: pip install "
+                "'curate[gpu]' (Linux with an NVIDIA GPU), or use optimizer: adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
 def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -122,8 +139,7 @@ class Trainer:
         self.shards = find_shards(cfg.data.shards)
         self.roots = run_roots(cfg.data.shards)
         self.run_clip = clip_from_run(self.roots)
-        text = TextEncoder.load(cfg.model.text_encoder, self.run_clip, self.device)
-        vae = load_vae(cfg.model, self.device)
+        text, vae, pretrained = load_frozen(cfg.model, self.run_clip, self.device)
         self.neighbours = None
         clip_dim = None
         if cfg.model.retrieval:
@@ -132,15 +148,19 @@ class Trainer:
             self.neighbours = training_neighbours(cfg.model.retrieval, self.roots, self._say0)
             clip_dim = self.neighbours.dim
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
-        self.gen = Generator(cfg.model, cfg.data.resolution, text, vae, clip_dim)
+        self.gen = Generator(cfg.model, cfg.data.resolution, text, vae, clip_dim, pretrained)
         self.model = self.gen.denoiser.to(self.device)
+        self.trained = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        # with LoRA a checkpoint holds the adapters only (the frozen UNet is the pretrained pipeline's)
+        self.saved = set(self.trained) if cfg.model.lora is not None else None
         self.ema = None
         if cfg.optim.ema_decay is not None:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
-        )
+        self.opt = make_optimizer(o, [p for p in self.model.parameters() if p.requires_grad], self.device)
+        self.scaler = None
+        if self._precision() == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
         self.step = 0
         self.consumed: dict[str, dict[str, int]] = {}
         ckpt = latest_checkpoint(self.out)
@@ -153,6 +173,15 @@ class Trainer:
             if self.env.world > 1
             else self.model
         )
+        cache = None
+        if cfg.data.cache:
+            from curate.train.cache import ShardCache, build_cache
+
+            if self.env.rank == 0:
+                build_cache(cfg, self.gen, self.shards, self.device, self._say0)
+            if self.env.world > 1:
+                torch.distributed.barrier()
+            cache = ShardCache(self.out / "cache", latents=self.gen.vae is not None)
         mine = {int(w): n for w, n in self.consumed.get(str(self.env.rank), {}).items()}
         self.stream = ShardStream(
             self.shards,
@@ -163,10 +192,18 @@ class Trainer:
             world=self.env.world,
             consumed=mine,
             neighbours=self.neighbours,
+            cache=cache,
         )
-        self.autocast_dtype = (
-            torch.bfloat16 if self.device.type == "cuda" and o.precision in ("auto", "bf16") else None
-        )
+        self.autocast_dtype = self._precision()
+
+    def _precision(self) -> torch.dtype | None:
+        """The autocast dtype (None: fp32). fp16 needs CUDA (its gradient scaler is CUDA's)."""
+        p, cuda = self.cfg.optim.precision, self.device.type == "cuda"
+        if p == "fp16" and not cuda:
+            raise TrainError("optim.precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+        if p == "bf16" or (p == "auto" and cuda):
+            return torch.bfloat16
+        return torch.float16 if p == "fp16" else None
 
     def _resume(self, ckpt: Path) -> None:
         state = read_state(ckpt)
@@ -174,9 +211,10 @@ class Trainer:
             raise TrainError(
                 f"{ckpt} was trained with another model config; use a new output folder or the same config"
             )
-        load_weights(self.model, ckpt / "model.safetensors")
+        partial = self.saved is not None
+        load_weights(self.model, ckpt / "model.safetensors", partial)
         if self.ema is not None and (ckpt / "ema.safetensors").exists():
-            load_weights(self.ema, ckpt / "ema.safetensors")
+            load_weights(self.ema, ckpt / "ema.safetensors", partial)
         load_optimizer(self.opt, ckpt / "optimizer.safetensors")
         self.step = int(state["step"])
         self.consumed = state.get("consumed", {})
@@ -191,20 +229,26 @@ class Trainer:
     def loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
         cfg, gen, dev = self.cfg, self.gen, self.device
         g = torch.Generator().manual_seed(_seed(cfg.seed, self.env.rank, self.step, micro))
-        pixels = batch["pixels"].to(dev, non_blocking=True)
-        x0 = gen.encode_images(pixels, generator=g)
+        if "cached_mean" in batch:  # a draw from the cached latent distribution, as the VAE's sample() draws
+            mean, std = batch["cached_mean"].to(dev), batch["cached_std"].to(dev)
+            x0 = (mean + std * torch.randn(mean.shape, generator=g).to(dev)) * gen.scaling
+        else:
+            x0 = gen.encode_images(batch["pixels"].to(dev, non_blocking=True), generator=g)
         n = x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(dev)
         t = torch.randint(0, gen.noise.config.num_train_timesteps, (n,), generator=g).to(dev)
         drop_text = (torch.rand(n, generator=g) < cfg.optim.cfg_dropout).to(dev)
         drop_rag = (torch.rand(n, generator=g) < cfg.optim.rag_dropout).to(dev)
         noisy = gen.noise.add_noise(x0, noise, t)
-        target = noise if cfg.model.prediction == "epsilon" else gen.noise.get_velocity(x0, noise, t)
-        text = gen.text.encode(batch["captions"], dev)
+        target = noise if gen.prediction == "epsilon" else gen.noise.get_velocity(x0, noise, t)
+        if "cached_states" in batch:
+            text = Text(batch["cached_states"].to(dev), batch["cached_pooled"].to(dev))
+        else:
+            text = gen.text.encode(batch["captions"], dev)
         neighbours = batch.get("neighbours")
         if neighbours is not None:
             neighbours = neighbours.to(dev)
-        ctx = torch.autocast("cuda", self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        ctx = torch.autocast(dev.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with ctx:
             pred = self.ddp(noisy, t, text, gen.null_text(dev), neighbours, drop_text, drop_rag)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -213,14 +257,16 @@ class Trainer:
             return per_sample.mean()
         alphas = gen.noise.alphas_cumprod.to(dev)[t]
         snr = alphas / (1 - alphas)
-        weight = torch.clamp(snr, max=gamma) / (snr if cfg.model.prediction == "epsilon" else snr + 1)
+        weight = torch.clamp(snr, max=gamma) / (snr if gen.prediction == "epsilon" else snr + 1)
         return (per_sample * weight).mean()
 
     @torch.no_grad()
     def _ema_update(self) -> None:
         decay = min(self.cfg.optim.ema_decay or 0.0, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - decay)
+        live = dict(self.model.named_parameters())
+        ema = dict(self.ema.named_parameters())
+        for name in self.trained:  # frozen weights stay equal
+            ema[name].lerp_(live[name].detach(), 1 - decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
             e.copy_(b)
 
@@ -234,9 +280,9 @@ class Trainer:
         if self.env.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            from tensorboardX import SummaryWriter
+            from curate.train.trackers import Trackers
 
-            writer = SummaryWriter(str(self.out / "logs"))
+            writer = Trackers(cfg, self.out)
         n_params = sum(p.numel() for p in self.model.parameters())
         self._say0(
             f"training {n_params / 1e6:.2f} M parameters on {len(self.shards)} shards, "
@@ -259,12 +305,21 @@ class Trainer:
                 sync = micro == o.grad_accum - 1 or self.ddp is self.model
                 with nullcontext() if sync else self.ddp.no_sync():
                     loss = self.loss(batch, micro)
-                    (loss / o.grad_accum).backward()
+                    scaled = loss / o.grad_accum
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 loss_sum += float(loss.detach()) / o.grad_accum
                 seen += len(batch["uids"])
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
             if o.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
-            self.opt.step()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], o.clip_grad
+                )
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
             if self.ema is not None:
@@ -277,9 +332,9 @@ class Trainer:
                 seen, last_log = 0, now
                 history.append({"step": self.step, "loss": loss_sum, "lr": sched(self.step - 1)})
                 if writer is not None:
-                    writer.add_scalar("train/loss", loss_sum, self.step)
-                    writer.add_scalar("train/lr", sched(self.step - 1), self.step)
-                    writer.add_scalar("train/samples_per_s", rate, self.step)
+                    writer.scalar("train/loss", loss_sum, self.step)
+                    writer.scalar("train/lr", sched(self.step - 1), self.step)
+                    writer.scalar("train/samples_per_s", rate, self.step)
             if self.step % cfg.checkpoint.every == 0 or self.step == total:
                 self.save()
             every = cfg.validation.every
@@ -328,7 +383,9 @@ class Trainer:
             "clip_dim": self.gen.clip_dim,
             "world": self.env.world,
         }
-        save_checkpoint(self.out, self.step, self.model, self.ema, self.opt, state, self.cfg.checkpoint.keep)
+        save_checkpoint(
+            self.out, self.step, self.model, self.ema, self.opt, state, self.cfg.checkpoint.keep, self.saved
+        )
 
     def validate(self, writer=None) -> dict[str, Any] | None:
         if self.env.rank != 0:
@@ -340,9 +397,9 @@ class Trainer:
         if writer is not None:
             for key, value in result.get("metrics", {}).items():
                 if isinstance(value, int | float):
-                    writer.add_scalar(f"val/{key}", value, self.step)
+                    writer.scalar(f"val/{key}", value, self.step)
             if result.get("grid") is not None:
-                writer.add_image("val/samples", result["grid"], self.step, dataformats="HWC")
+                writer.image("val/samples", result["grid"], self.step)
         return result
 
 

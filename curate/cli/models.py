@@ -44,16 +44,37 @@ def models_list(pipeline: PipelineArg, sets: SetOpt = None) -> None:
         err.print(f"[yellow]warning[/yellow]: {STAND_IN_WARNING}")
 
 
+def _is_training_yaml(path: str) -> bool:
+    """A training YAML (curate train) rather than a pipeline: a top-level data: section and no stages:."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the pipeline loader reports it
+    return isinstance(raw, dict) and "data" in raw and "stages" not in raw
+
+
 @models_app.command("fetch")
 def models_fetch(pipeline: PipelineArg, sets: SetOpt = None) -> None:
-    """Download every model a pipeline needs into the model directory (CURATE_MODEL_DIR), replacing stand-ins
-    once the real weights are downloaded; offline, list what is missing and where to put it. Exit code 2 when
-    something is still missing or still a stand-in."""
-    from curate.core.pipeline import Pipeline
-    from curate.models.manage import fetch_weights
+    """Download every model a pipeline (or a training YAML: its pretrained pipeline, VAE and text encoder)
+    needs into the model directory (CURATE_MODEL_DIR), replacing stand-ins once the real weights are
+    downloaded; offline, list what is missing and where to put it. Exit code 2 when something is still
+    missing or still a stand-in."""
     from curate.models.weights import model_dir
 
-    results = fetch_weights(Pipeline(load_pipeline(pipeline, sets)))
+    if _is_training_yaml(pipeline):
+        from curate.train.config import load_train_config
+        from curate.train.pretrained import training_weights
+
+        results = training_weights(load_train_config(pipeline, sets))
+    else:
+        from curate.core.pipeline import Pipeline
+        from curate.models.manage import fetch_weights
+
+        results = fetch_weights(Pipeline(load_pipeline(pipeline, sets)))
     for r in results:
         mark = (
             "[green]ok[/green]"

@@ -1,5 +1,5 @@
-"""Training on curated shards and generating from the result: ``curate train`` and ``generate``
-(see :mod:`curate.train`)."""
+"""Training on curated shards, generating from the result and exporting it as a diffusers pipeline:
+``curate train``, ``generate`` and ``export`` (see :mod:`curate.train`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,21 @@ import typer
 from curate.base import ConfigError
 from curate.cli.options import SetOpt, out
 
-__all__ = ["generate", "train_"]
+__all__ = ["export_", "generate", "train_"]
 
 
 def train_(
     config: Annotated[str, typer.Argument(help="The training YAML (see pipelines/train_demo.yaml).")],
     sets: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache",
+            help="Only encode the captions (and, with a VAE, the images' latents) into OUTPUT/cache, then stop; "
+            "training with data.cache: true reads them.",
+        ),
+    ] = False,
 ) -> None:
     """Train a text-to-image diffusion model on curated shards; running it again resumes from the latest
     checkpoint. Multi-GPU / multi-node: launch with torchrun (or srun under Slurm)."""
@@ -24,7 +32,7 @@ def train_(
     from curate.train.config import load_train_config
     from curate.train.trainer import train
 
-    cfg = load_train_config(config, sets)
+    cfg = load_train_config(config, [*(sets or []), *(["data.cache=true"] if cache else [])])
     say = lambda line: out.print(line, markup=False, highlight=False)  # noqa: E731
     scorers = {}
     if cfg.validation.adherence:  # the sample world's analyser, which the trainer itself does not know
@@ -32,6 +40,11 @@ def train_(
 
         scorers["adherence"] = adherence_of
     try:
+        if cache:
+            from curate.train.trainer import Trainer
+
+            Trainer(cfg, say=say, progress=False, prompt_scorers=scorers).build()
+            return
         summary = train(cfg, say=say, progress=not quiet, prompt_scorers=scorers)
     except TrainError as e:
         raise ConfigError(str(e), config, "training") from None
@@ -81,3 +94,37 @@ def generate(
     for path in result["paths"]:
         out.print(path)
     out.print(f"{len(result['paths'])} image(s) from {result['checkpoint']} (step {result['step']})")
+
+
+def export_(
+    output: Annotated[str, typer.Argument(help="A training output (or one of its checkpoint folders).")],
+    folder: Annotated[str, typer.Argument(help="The new diffusers pipeline folder.")],
+    step: Annotated[
+        int | None, typer.Option(help="The checkpoint of this step (default: the latest).")
+    ] = None,
+    ema: Annotated[
+        bool, typer.Option("--ema/--no-ema", help="The EMA weights (default) or the live ones.")
+    ] = True,
+) -> None:
+    """Write a checkpoint as a diffusers pipeline folder that DiffusionPipeline.from_pretrained loads: a Stable
+    Diffusion pipeline for fine-tuned pipelines (plus LoRA weights for load_lora_weights), else curate's
+    pipeline class shipped in the folder (load it with trust_remote_code=True)."""
+    from curate.base import TrainError
+    from curate.train.export import export_pipeline
+
+    try:
+        result = export_pipeline(output, folder, step=step, ema=ema)
+    except (FileNotFoundError, FileExistsError, TrainError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    out.print(
+        f"exported {result['checkpoint']} (step {result['step']}, {result['weights']} weights) to {folder} "
+        f"as a {result['kind']} pipeline; load it with:",
+        markup=False,
+        highlight=False,
+    )
+    out.print(
+        f"    from diffusers import DiffusionPipeline; {result['load']}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
