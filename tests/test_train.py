@@ -544,3 +544,40 @@ def test_memory_and_speed_options(run, tmp_path):
     if importlib.util.find_spec("xformers") is None:
         with pytest.raises(TrainError, match="xformers"):
             train(_config(run, tmp_path / "f", **over, **{"model.attention": "xformers"}), progress=False)
+
+
+def test_validation_vqa_model_scores_the_generated_images_with_vqascore(run, tmp_path, cli):
+    """`validation.vqa_model` gives `curate train` a VQAScore prompt scorer: the mean over the generated images
+    in the metrics, each prompt's score beside it, equal to the scorer's own on the saved samples' prompts."""
+    import yaml
+
+    from curate.demo.tiny_captioners import build_tokenizer, make_tiny_vlm
+    from curate.models.vqa import QUESTION
+
+    prompts = ["a red circle on a blue background", "a green star on a white background"]
+    texts = [QUESTION.format(p) for p in prompts] * 20 + ["Yes", "No"] * 40  # "Yes" is one token
+    tokenizer = build_tokenizer(texts, vocab_size=200)
+    vlm = make_tiny_vlm("llava", tmp_path / "vlm", tokenizer=tokenizer)
+    over = {
+        "schedule.steps": 1,
+        "checkpoint.every": 1,
+        "validation.eval_prompts": prompts,
+        "validation.eval_samples": 2,
+        "validation.vqa_model": str(vlm),
+    }
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_config(run, tmp_path / "t", **over).to_dict()))
+    r = cli("train", path, "-q")
+    assert r.code == 0, r
+    line = json.loads((tmp_path / "t" / "validation.jsonl").read_text().splitlines()[-1])
+    scores = line["per_prompt"]["vqa_score"]
+    assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+    assert (
+        line["metrics"]["vqa_score"] == pytest.approx(sum(scores) / 2) and line["metrics"]["vqa_score_n"] == 2
+    )
+
+    path.write_text(
+        yaml.safe_dump(_config(run, tmp_path / "u", **{**over, "validation.vqa_model": "nowhere"}).to_dict())
+    )
+    r = cli("train", path, "-q")
+    assert r.code == 2 and "validation.vqa_model" in r.err and "Traceback" not in r.err

@@ -316,11 +316,16 @@ class ValidationConfig(StrictModel):
         None, description="a local weights file: pt_inception-2015-12-05-6726825d.pth for inception"
     )
     adherence: bool = Field(False, description="the sample world's exact prompt-adherence score")
+    vqa_model: str | None = Field(
+        None,
+        description="VQAScore of the generated images for their prompts with this vision-language model (a hub "
+        "id resolved through the model directory, or a local folder; curate.models.vqa): vqa_score",
+    )
     eval_prompts: list[str] = Field(
         default_factory=list,
-        description="prompts for CLIPScore and adherence; empty: the captions of held-out samples",
+        description="prompts for CLIPScore, adherence and VQAScore; empty: the captions of held-out samples",
     )
-    eval_samples: int = Field(64, ge=0, description="images generated for CLIPScore and adherence")
+    eval_samples: int = Field(64, ge=0, description="images generated for CLIPScore, adherence and VQAScore")
 
 
 class TrainConfig(StrictModel):

@@ -103,7 +103,8 @@ def validate(trainer, denoiser, step: int) -> dict[str, Any]:
         result["grid_path"] = str(path)
     m = result["metrics"]
     clip = gen.text.clip
-    if v.eval_samples and (v.clip_score or v.adherence):
+    others = {k: f for k, f in trainer.prompt_scorers.items() if k != "adherence"}
+    if v.eval_samples and (v.clip_score or v.adherence or others):
         prompts = _eval_prompts(trainer, v.eval_samples)
         images = gen.sample(prompts, neighbours=_neighbours(trainer, prompts), **kw)
         if v.clip_score and clip is not None and prompts:
@@ -118,6 +119,16 @@ def validate(trainer, denoiser, step: int) -> dict[str, Any]:
             if per_prompt is not None:  # beside the metrics: for intervals over the prompts
                 result["per_prompt"] = {"adherence": per_prompt}
             m.update({f"adherence_{k}" if k != "adherence" else k: val for k, val in a.items()})
+        # Every other scorer the caller gives (VQAScore with validation.vqa_model): its mean under its own
+        # name, its other numbers as <name>_<key>, its per-prompt scores beside adherence's.
+        for key, scorer in others.items():
+            if not prompts:
+                break
+            r = scorer([Image.fromarray(x) for x in images], prompts)
+            per_prompt = r.pop("per_prompt", None)
+            if per_prompt is not None:
+                result.setdefault("per_prompt", {})[key] = per_prompt
+            m.update({k if k == key else f"{key}_{k}": val for k, val in r.items()})
     if v.fid_samples:
         from curate.train.data import holdout_samples
         from curate.train.metrics import frechet_distance, kernel_inception_distance, load_feature_extractor

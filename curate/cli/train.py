@@ -40,6 +40,8 @@ def train_(
 
         scorers["adherence"] = adherence_of
     try:
+        if cfg.validation.vqa_model and not cache:
+            scorers["vqa_score"] = _vqa_scorer(cfg.validation.vqa_model, str(config))
         if cache:
             from curate.train.trainer import Trainer
 
@@ -128,3 +130,15 @@ def export_(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _vqa_scorer(model: str, source: str):
+    """validation.vqa_model as the trainer's ``vqa_score`` prompt scorer (VQAScore, curate.models.vqa)."""
+    from curate.base import ModelNotFound
+    from curate.models.hub import resolve_model
+    from curate.models.vqa import VqaScorer
+
+    try:
+        return VqaScorer.load(resolve_model("validation.vqa_model", model), model)
+    except (ModelNotFound, ValueError) as e:
+        raise ConfigError([("validation.vqa_model", str(e))], source, "training") from None
