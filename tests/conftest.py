@@ -23,6 +23,16 @@ from curate.cli import main
 register_test_stages()
 
 
+def pytest_collection_modifyitems(config, items):
+    """For ``pytest -n 2 --dist loadgroup`` (make test): every module runs whole in one worker, so its
+    module-scoped fixtures are built once; the modules on the session's Ray cluster all share one worker, so
+    only one such cluster starts."""
+    on_ray = {item.module.__name__ for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("ray" if module in on_ray else module))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session (2 CPUs, a small object store)."""
