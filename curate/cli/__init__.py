@@ -5,7 +5,7 @@ The commands live by group; they are registered here, in the order ``curate --he
     run.py      run, validate, describe, retry, status
     demo.py     demo
     tools.py    preview, report, takedown: on a finished run
-    train.py    train, generate, export
+    train.py    train, generate, eval, export
     models.py   models list, fetch, train-demo-clip
     index.py    index build, add, query, serve
     options.py  what they share: consoles, common options, loading a pipeline with overrides
@@ -43,6 +43,7 @@ app.command("report")(tools.report_)
 app.command()(tools.takedown)
 app.command("train")(train.train_)
 app.command()(train.generate)
+app.command("eval")(train.eval_)
 app.command("export")(train.export_)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")

@@ -1,5 +1,6 @@
-"""Training on curated shards, generating from the result and exporting it as a diffusers pipeline:
-``curate train``, ``generate`` and ``export`` (see :mod:`curate.train`)."""
+"""Training on curated shards, generating from the result, evaluating it on a compositional prompt suite and
+exporting it as a diffusers pipeline: ``curate train``, ``generate``, ``eval`` and ``export`` (see
+:mod:`curate.train`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 from curate.base import ConfigError
 from curate.cli.options import SetOpt, out
 
-__all__ = ["export_", "generate", "train_"]
+__all__ = ["eval_", "export_", "generate", "train_"]
 
 
 def train_(
@@ -98,6 +99,88 @@ def generate(
     out.print(f"{len(result['paths'])} image(s) from {result['checkpoint']} (step {result['step']})")
 
 
+def eval_(
+    checkpoint: Annotated[
+        str, typer.Argument(help="A checkpoint folder, or a training output (its latest).")
+    ],
+    suite: Annotated[
+        str, typer.Option(help="A shipped prompt suite (geneval, world) or a JSONL file in GenEval's format.")
+    ] = "geneval",
+    vqa_model: Annotated[
+        str | None,
+        typer.Option(
+            help="A VLM for VQAScore (default: the training config's validation.vqa_model, if any)."
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for eval.json, eval.html and the images (default: "
+            "OUTPUT/eval/<suite>-step-<n> beside the checkpoints).",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Text guidance scale.")] = 3.0,
+    sampler: Annotated[str, typer.Option(help="ddim or dpm.")] = "ddim",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """GenEval-style evaluation: generate a compositional prompt suite (single object, two objects, counting,
+    colours, position, attribute binding) and score it per category with CLIPScore and VQAScore; on the sample
+    world's suite also exactly, with the world's analyser, and how far the learned scores agree with it."""
+    from pathlib import Path
+
+    from curate.train.checkpoint import read_state
+    from curate.train.eval import SuiteError, evaluate, load_suite
+
+    if sampler not in ("ddim", "dpm"):
+        raise ConfigError([("--sampler", f"{sampler!r}: use ddim or dpm")])
+    if n < 1:
+        raise ConfigError([("-n", f"{n}: at least one image per prompt")])
+    try:
+        prompts = load_suite(suite)
+        state = read_state(checkpoint)
+    except (SuiteError, FileNotFoundError) as e:
+        raise ConfigError(str(e), what="evaluation") from None
+    model = vqa_model or state["config"].get("validation", {}).get("vqa_model")
+    scorers = {}
+    if model:
+        where = "--vqa-model" if vqa_model else "validation.vqa_model"
+        scorers["vqa_score"] = _vqa_scorer(model, state["path"], where, "evaluation")
+    exact = {}
+    if prompts.exact == "world":  # the sample world's analyser, which the trainer itself does not know
+        from curate.demo.adherence import adherence_of
+
+        exact["adherence"] = adherence_of
+    if output is None:
+        ckpt = Path(state["path"])
+        root = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+        output = str(root / "eval" / f"{prompts.name}-step-{state['step']:08d}")
+    say = lambda line: out.print(line, markup=False, highlight=False)  # noqa: E731
+    result = evaluate(
+        state["path"],
+        prompts,
+        output,
+        images_per_prompt=n,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        seed=seed,
+        device=device,
+        scorers=scorers,
+        exact=exact,
+        say=say,
+    )
+    keys = [*result["metrics"], *result["exact"]]
+    for cat in [*result["categories"].values(), {"label": "overall", **result["overall"]}]:
+        shown = ", ".join(f"{k} {cat[k]:.4g}" for k in keys if cat[k] is not None)
+        say(f"{cat['label']:>18}: {cat['n']} images; {shown}")
+    say(f"wrote {output}/eval.json and {output}/eval.html")
+
+
 def export_(
     output: Annotated[str, typer.Argument(help="A training output (or one of its checkpoint folders).")],
     folder: Annotated[str, typer.Argument(help="The new diffusers pipeline folder.")],
@@ -132,13 +215,14 @@ def export_(
     )
 
 
-def _vqa_scorer(model: str, source: str):
-    """validation.vqa_model as the trainer's ``vqa_score`` prompt scorer (VQAScore, curate.models.vqa)."""
+def _vqa_scorer(model: str, source: str, where: str = "validation.vqa_model", what: str = "training"):
+    """validation.vqa_model (or ``where``: the option that named it) as the trainer's ``vqa_score`` prompt
+    scorer (VQAScore, curate.models.vqa)."""
     from curate.base import ModelNotFound
     from curate.models.hub import resolve_model
     from curate.models.vqa import VqaScorer
 
     try:
-        return VqaScorer.load(resolve_model("validation.vqa_model", model), model)
+        return VqaScorer.load(resolve_model(where, model), model)
     except (ModelNotFound, ValueError) as e:
-        raise ConfigError([("validation.vqa_model", str(e))], source, "training") from None
+        raise ConfigError([(where, str(e))], source, what) from None
