@@ -17,9 +17,6 @@ text encoder and VAE and its noise schedule: the scheduler config's betas, times
 from __future__ import annotations
 
 import fnmatch
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,30 +105,19 @@ def fetch_model(spec, subfolder: str | None = None) -> Path:
 
 
 def _snapshot(spec, choose) -> Path:
-    from curate.models.weights import local_path, source_host, unreachable
+    """The files ``choose`` picks, without pickles or fp16 variants where a folder has fp32 safetensors."""
+    from curate.models.hub import fetch_snapshot
 
-    target = local_path(spec)
-    if target.exists():
-        return target
-    why = unreachable(*source_host(spec))
-    if why:
-        raise ModelNotFound(why)
-    from huggingface_hub import HfApi, snapshot_download
+    def wanted(files: list[str]) -> list[str]:
+        chosen = [f for f in choose(files) if not any(fnmatch.fnmatch(f.split("/")[-1], p) for p in _NEVER)]
+        # a folder with safetensors needs no pickles of the same weights (nor fp16 variants: training is fp32)
+        for folder in {f.rsplit("/", 1)[0] if "/" in f else "" for f in chosen}:
+            mine = [f for f in chosen if (f.rsplit("/", 1)[0] if "/" in f else "") == folder]
+            if any(f.endswith(".safetensors") and ".fp16." not in f for f in mine):
+                chosen = [f for f in chosen if not (f in mine and (f.endswith(".bin") or ".fp16." in f))]
+        return chosen
 
-    files = HfApi().list_repo_files(spec.hub_repo or "", revision=spec.revision)
-    wanted = [f for f in choose(files) if not any(fnmatch.fnmatch(f.split("/")[-1], p) for p in _NEVER)]
-    # a folder with safetensors needs no pickles of the same weights (and no fp16 variants: training is fp32)
-    for folder in {f.rsplit("/", 1)[0] if "/" in f else "" for f in wanted}:
-        mine = [f for f in wanted if (f.rsplit("/", 1)[0] if "/" in f else "") == folder]
-        if any(f.endswith(".safetensors") and ".fp16." not in f for f in mine):
-            wanted = [f for f in wanted if not (f in mine and (f.endswith(".bin") or ".fp16." in f))]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        got = Path(tmp) / "snapshot"
-        snapshot_download(spec.hub_repo, revision=spec.revision, local_dir=got, allow_patterns=wanted)
-        shutil.rmtree(got / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping inside local_dir
-        os.replace(got, target)
-    return target
+    return fetch_snapshot(spec, wanted)
 
 
 def vae_folder(path: str, subfolder: str | None, download: bool = True) -> Path:

@@ -17,7 +17,9 @@ import fnmatch
 import importlib.util
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +110,23 @@ def resolve_model(what: str, model: str, revision: str = "main", download: bool 
 
 def fetch_repo(spec: RepoSpec) -> Path:
     """Download the snapshot of ``spec`` into the model directory (atomically) and return its folder."""
+
+    def wanted(files: list[str]) -> list[str]:
+        ignore = list(_NEVER)
+        if any(f.endswith(".safetensors") for f in files):
+            ignore += _PICKLES
+        chosen = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in ignore)]
+        if not any(f == "config.json" for f in chosen):
+            raise ModelNotFound(f"{spec.source} has no config.json: not a transformers model")
+        return chosen
+
+    return fetch_snapshot(spec, wanted)
+
+
+def fetch_snapshot(spec: RepoSpec, choose: Callable[[list[str]], list[str]]) -> Path:
+    """Download the files ``choose`` picks from the hub repository's file list into the model directory, as
+    one folder that appears whole (a temporary folder renamed into place), and return it; an existing folder
+    is returned as it is. ``choose`` raises :class:`ModelNotFound` when the repository is not what is wanted."""
     target = local_path(spec)
     if target.exists():
         return target
@@ -116,22 +135,12 @@ def fetch_repo(spec: RepoSpec) -> Path:
         raise ModelNotFound(why)
     from huggingface_hub import HfApi, snapshot_download
 
-    files = HfApi().list_repo_files(spec.hub_repo or "", revision=spec.revision)
-    ignore = list(_NEVER)
-    if any(f.endswith(".safetensors") for f in files):
-        ignore += _PICKLES
-    wanted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in ignore)]
-    if not any(f == "config.json" for f in wanted):
-        raise ModelNotFound(f"{spec.source} has no config.json: not a transformers model")
+    wanted = choose(HfApi().list_repo_files(spec.hub_repo or "", revision=spec.revision))
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         got = Path(tmp) / "snapshot"
-        snapshot_download(spec.hub_repo, revision=spec.revision, local_dir=got, ignore_patterns=ignore)
-        cache = got / ".cache"  # huggingface_hub's own bookkeeping inside local_dir
-        if cache.exists():
-            import shutil
-
-            shutil.rmtree(cache)
+        snapshot_download(spec.hub_repo, revision=spec.revision, local_dir=got, allow_patterns=wanted)
+        shutil.rmtree(got / ".cache", ignore_errors=True)  # huggingface_hub's own bookkeeping in local_dir
         os.replace(got, target)
     return target
 
