@@ -14,8 +14,17 @@ URLs spread over them in turn, which shows curate's per-host limit (``--max-per-
 stage's ``max_per_host``) holding while img2dataset has none; ``--delay`` makes each answer wait, as a far
 host's does, so that connections stay open long enough for the limit to matter.
 
+``--slow-share 0.03 --slow-delay 6`` makes a fixed, seeded 3% of the images answer only after 6 s, as slow
+hosts on the web do: a tool whose shard waits for its slowest URL while its sockets idle pays that tail in
+every shard. ``--executors local,ray`` runs curate under each executor against the same img2dataset run;
+``--baseline DIR`` also runs curate from an earlier copy of its sources (``DIR/curate``, with ``stages/`` and
+``pipelines/`` copied to ``DIR/curate/stages`` and ``DIR/curate/pipelines``), so before and after are measured
+in one invocation, under the same load.
+
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 5000 --json bench.json
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --hosts 8 --max-per-host 2 --delay 0.2
+    .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --slow-share 0.03 --slow-delay 6 \
+        --executors local,ray
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import argparse
 import contextlib
 import functools
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -201,6 +211,13 @@ def image_stats(images: list[dict]) -> dict:
     }
 
 
+def slow_images(images: list[dict], share: float, seed: int) -> frozenset[str]:
+    """The names of ``share`` of the images, a fixed seeded choice spread over the whole list."""
+    count = round(share * len(images))
+    rng = np.random.default_rng([seed, 6])
+    return frozenset(images[i]["name"] for i in rng.choice(len(images), size=count, replace=False))
+
+
 def write_url_list(path: Path, images: list[dict], hosts: list[str], seed: int) -> None:
     """The URL list, the images spread over ``hosts`` (``address:port``) in turn."""
     rng = np.random.default_rng(seed)
@@ -216,13 +233,16 @@ def write_url_list(path: Path, images: list[dict], hosts: list[str], seed: int) 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
     delay = 0.0  # seconds before each answer: a host far away, whose connections stay open longer
+    slow: frozenset[str] = frozenset()  # file names answered only after ``slow_delay`` seconds
+    slow_delay = 0.0
 
     def log_message(self, format: str, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
-        if self.delay:
-            time.sleep(self.delay)
+        wait = self.delay + (self.slow_delay if self.path.rsplit("/", 1)[-1] in self.slow else 0.0)
+        if wait:
+            time.sleep(wait)
         super().do_GET()
 
     def handle(self) -> None:
@@ -248,12 +268,13 @@ class _Server(ThreadingHTTPServer):
         self.active = self.peak = 0
 
 
-def _serve(folder: str, conn, hosts: int, delay: float) -> None:
+def _serve(folder: str, conn, hosts: int, delay: float, slow: frozenset[str], slow_delay: float) -> None:
     """Serve ``folder`` from 127.0.0.1, or from ``hosts`` addresses 127.0.0.2, ...; send their
     ``address:port``; then answer each "peaks" on ``conn`` with the peak connections per host (and reset)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     addresses = [f"127.0.0.{2 + i}" for i in range(hosts)] if hosts else ["127.0.0.1"]
-    handler = functools.partial(type("_Handler", (_QuietHandler,), {"delay": delay}), directory=folder)
+    settings = {"delay": delay, "slow": slow, "slow_delay": slow_delay}
+    handler = functools.partial(type("_Handler", (_QuietHandler,), settings), directory=folder)
     servers = [_Server((address, 0), handler) for address in addresses]
     for httpd in servers:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -271,8 +292,16 @@ def _serve(folder: str, conn, hosts: int, delay: float) -> None:
 class ImageServer:
     """A static file server in its own process: its CPU is not in either tool's tree but shares the box."""
 
-    def __init__(self, folder: Path, hosts: int = 0, delay: float = 0.0):
+    def __init__(
+        self,
+        folder: Path,
+        hosts: int = 0,
+        delay: float = 0.0,
+        slow: frozenset[str] = frozenset(),
+        slow_delay: float = 0.0,
+    ):
         self.folder, self.hosts_count, self.delay = folder, hosts, delay
+        self.slow, self.slow_delay = slow, slow_delay
         self.process: mp.Process | None = None
         self.hosts: list[str] = []
         self._conn = None
@@ -280,7 +309,9 @@ class ImageServer:
     def __enter__(self) -> ImageServer:
         parent, child = mp.Pipe()
         self.process = mp.Process(
-            target=_serve, args=(str(self.folder), child, self.hosts_count, self.delay), daemon=True
+            target=_serve,
+            args=(str(self.folder), child, self.hosts_count, self.delay, self.slow, self.slow_delay),
+            daemon=True,
         )
         self.process.start()
         child.close()
@@ -369,12 +400,20 @@ def _kill_tree(popen: subprocess.Popen) -> None:
     popen.wait()
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, tuple[int, int], int]:
-    """Run ``cmd`` (output to ``log``), polling its tree's memory: (wall s, peak (RSS, PSS) bytes, exit)."""
-    env = {**os.environ, **QUIET_ENV}
+def run_measured(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[float, tuple[int, int], int]:
+    """Run ``cmd`` (output to ``log``) in an empty folder beside ``log``, polling its tree's memory: (wall s,
+    peak (RSS, PSS) bytes, exit). Not in this checkout, nor beside an output folder named ``curate``: Ray's
+    workers put the driver's folder on their path, and either would shadow the curate that is meant."""
+    env = env or {**os.environ, **QUIET_ENV}
+    cwd = log.parent / "cwd"
+    cwd.mkdir(exist_ok=True)
     with log.open("wb") as out:
         start = time.perf_counter()
-        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        popen = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
+        )
         try:
             proc, peak_rss, peak_pss = psutil.Process(popen.pid), 0, 0
             while popen.poll() is None:
@@ -398,8 +437,10 @@ def count_jpgs(tars: list[Path]) -> int:
     return count
 
 
-def measure(tool: str, cmd: list[str], tar_dir: Path, log: Path, total: int) -> Result:
-    wall, peak, rc = run_measured(cmd, log)
+def measure(
+    tool: str, cmd: list[str], tar_dir: Path, log: Path, total: int, env: dict[str, str] | None = None
+) -> Result:
+    wall, peak, rc = run_measured(cmd, log, env)
     ok = count_jpgs(sorted(tar_dir.glob("*.tar"))) if tar_dir.exists() else 0
     if rc != 0 or ok == 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
@@ -430,7 +471,9 @@ def run_img2dataset(exe: Path, url_list: Path, out: Path, total: int) -> Result:
     return measure("img2dataset", cmd, out, out.with_suffix(".log"), total)
 
 
-def curate_sets(url_list: Path, out: Path, hosts: list[str], max_per_host: int | None) -> list[str]:
+def curate_sets(
+    url_list: Path, out: Path, hosts: list[str], max_per_host: int | None, executor: str = "local"
+) -> list[str]:
     allowed = ",".join(f'"{h}"' for h in hosts)
     sets = [
         f"input.path={url_list}",
@@ -439,21 +482,19 @@ def curate_sets(url_list: Path, out: Path, hosts: list[str], max_per_host: int |
         f"output.path={out}",
         f"shard_size={SHARD_SIZE}",
         f"stages.download.allow_private=[{allowed}]",
+        f"executor.kind={executor}",
     ]
     if max_per_host is not None:
         sets.append(f"stages.download.max_per_host={max_per_host}")
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def curate_problem(sets: list[str]) -> str | None:
+def curate_problem(sets: list[str], env: dict[str, str]) -> str | None:
     """Why the curate side cannot run (``curate validate`` fails), or None."""
     if not PIPELINE.exists():
         return f"{PIPELINE.relative_to(REPO)} does not exist"
     done = subprocess.run(
-        [str(CURATE), "validate", str(PIPELINE), *sets],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **QUIET_ENV},
+        [str(CURATE), "validate", str(PIPELINE), *sets], capture_output=True, text=True, env=env
     )
     if done.returncode == 0:
         return None
@@ -461,38 +502,66 @@ def curate_problem(sets: list[str]) -> str | None:
     return "curate validate failed: " + (lines[-1] if lines else f"exit code {done.returncode}")
 
 
+def curate_env(source: Path | None) -> dict[str, str]:
+    """The environment of a curate run: quiet, offline, and with ``source`` (an earlier copy of curate's
+    sources) ahead of the installed package. Run from a neutral folder, so that neither the driver nor Ray's
+    workers (which get the driver's folder on their path) import this checkout instead."""
+    env = {**os.environ, **QUIET_ENV}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_curate(
-    url_list: Path, out: Path, hosts: list[str], total: int, max_per_host: int | None
+    tool: str,
+    url_list: Path,
+    out: Path,
+    hosts: list[str],
+    total: int,
+    max_per_host: int | None,
+    executor: str = "local",
+    source: Path | None = None,
 ) -> Result | None:
-    sets = curate_sets(url_list, out, hosts, max_per_host)
-    problem = curate_problem(sets)
+    sets = curate_sets(url_list, out, hosts, max_per_host, executor)
+    env = curate_env(source)
+    problem = curate_problem(sets, env)
     if problem:
-        print(f"skipping curate: {problem}")
+        print(f"skipping {tool}: {problem}")
         return None
     cmd = [str(CURATE), "run", str(PIPELINE), "--overwrite", "-q", *sets]
-    return measure("curate", cmd, out / "shards", out.with_suffix(".log"), total)
+    return measure(tool, cmd, out / "shards", out.with_suffix(".log"), total, env)
 
 
 # ---------------------------------------------------------------- report
 
 
-def ratios(results: dict[str, Result]) -> dict[str, float]:
-    if "curate" not in results or "img2dataset" not in results:
+def ratios(results: dict[str, Result]) -> dict[str, dict[str, float]]:
+    """Each curate run against img2dataset: throughput and peak memory, curate / img2dataset."""
+    if "img2dataset" not in results:
         return {}
-    cur, ref = asdict(results["curate"]), asdict(results["img2dataset"])
+    ref = asdict(results["img2dataset"])
     keys = {"throughput": "images_per_s", "peak_rss": "peak_rss_mib", "peak_pss": "peak_pss_mib"}
-    return {name: round(cur[k] / ref[k], 2) if ref[k] else float("nan") for name, k in keys.items()}
+    out = {}
+    for tool, result in results.items():
+        if tool != "img2dataset":
+            cur = asdict(result)
+            out[tool] = {
+                name: round(cur[k] / ref[k], 2) if ref[k] else float("nan") for name, k in keys.items()
+            }
+    return out
 
 
-def print_report(stats: dict, results: dict[str, Result], ratio: dict[str, float], hosts: list[str]) -> None:
+def print_report(
+    stats: dict, results: dict[str, Result], ratio: dict[str, dict[str, float]], hosts: list[str], slow: str
+) -> None:
     print(
         f"\n{stats['count']:,} images ({stats['png']} PNG), {stats['kb_min']:.0f}-{stats['kb_max']:.0f} KB "
         f"(median {stats['kb_median']:.0f}), {stats['side_min']}-{stats['side_max']} px a side, "
         f"{stats['total_mb']:,.0f} MB; -> {IMAGE_SIZE} px center crop, JPEG q95; "
         f"{os.cpu_count()} CPUs; img2dataset {PROCESSES} processes x {THREADS} threads, "
-        f"curate as in {PIPELINE.relative_to(REPO)}; served by {len(hosts)} host(s)\n"
+        f"curate as in {PIPELINE.relative_to(REPO)}; served by {len(hosts)} host(s){slow}\n"
     )
-    row = "{:<12} {:>11} {:>8} {:>9} {:>13} {:>13} {:>15}".format
+    row = "{:<16} {:>11} {:>8} {:>9} {:>13} {:>13} {:>15}".format
     print(row("tool", "images ok", "wall s", "images/s", "peak RSS MiB", "peak PSS MiB", "peak conn/host"))
     for r in results.values():
         ok = f"{r.images_ok}/{r.images_total}"
@@ -507,14 +576,17 @@ def print_report(stats: dict, results: dict[str, Result], ratio: dict[str, float
                 r.peak_connections_per_host,
             )
         )
-    if ratio:
+    for tool, r in ratio.items():
         print(
-            f"\ncurate / img2dataset: throughput {ratio['throughput']:.2f}x, "
-            f"peak RSS {ratio['peak_rss']:.2f}x, peak PSS {ratio['peak_pss']:.2f}x"
+            f"\n{tool} / img2dataset: throughput {r['throughput']:.2f}x, "
+            f"peak RSS {r['peak_rss']:.2f}x, peak PSS {r['peak_pss']:.2f}x",
+            end="",
         )
+    print()
 
 
 def main() -> None:
+    global SHARD_SIZE  # --shard-size sets it for both tools
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000, help="how many images to serve")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated image set")
@@ -527,28 +599,58 @@ def main() -> None:
     )
     ap.add_argument("--max-per-host", type=int, help="curate's max_per_host (default: the stage's default)")
     ap.add_argument("--delay", type=float, default=0.0, help="seconds the server waits before each answer")
+    ap.add_argument(
+        "--slow-share", type=float, default=0.0, help="share of the images answered only after --slow-delay"
+    )
+    ap.add_argument("--slow-delay", type=float, default=6.0, help="seconds a slow image waits (default 6)")
+    ap.add_argument(
+        "--executors", default="local", help="curate's executors, comma-separated: local, ray (default local)"
+    )
+    ap.add_argument("--baseline", type=Path, help="also run curate from this earlier copy of its sources")
+    ap.add_argument(
+        "--shard-size", type=int, default=SHARD_SIZE, help="rows a shard, both tools (default 1000)"
+    )
     args = ap.parse_args()
+    SHARD_SIZE = args.shard_size
+    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    if not executors or set(executors) - {"local", "ray"}:
+        ap.error("--executors takes local, ray or both")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill too
 
     exe = None if args.skip_img2dataset else ensure_img2dataset()
     folder, images = image_set(args.images, args.seed)
     stats = image_stats(images)
+    slow = slow_images(images, args.slow_share, args.seed)
+    slow_note = f"; {len(slow)} images answer after {args.slow_delay:g} s" if slow else ""
     work = Path(tempfile.mkdtemp(prefix="curate-bench-"))
     results: dict[str, Result] = {}
     try:
-        with ImageServer(folder, args.hosts, args.delay) as server:
+        with ImageServer(folder, args.hosts, args.delay, slow, args.slow_delay) as server:
             url_list = work / "urls.parquet"
             write_url_list(url_list, images, server.hosts, args.seed)
             if exe is not None:
                 server.peaks()
                 results["img2dataset"] = run_img2dataset(exe, url_list, work / "img2dataset", len(images))
                 results["img2dataset"].peak_connections_per_host = max(server.peaks().values())
-            if not args.skip_curate:
+            sources = [("curate", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+            for (name, source), executor in itertools.product(
+                sources if not args.skip_curate else [], executors
+            ):
+                tool = name if executor == "local" else f"{name}-{executor}"
                 server.peaks()
-                curate = run_curate(url_list, work / "curate", server.hosts, len(images), args.max_per_host)
+                curate = run_curate(
+                    tool,
+                    url_list,
+                    work / tool,
+                    server.hosts,
+                    len(images),
+                    args.max_per_host,
+                    executor,
+                    source,
+                )
                 if curate is not None:
                     curate.peak_connections_per_host = max(server.peaks().values())
-                    results["curate"] = curate
+                    results[tool] = curate
     finally:
         if args.keep:
             print(f"outputs kept in {work}")
@@ -556,7 +658,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     ratio = ratios(results)
-    print_report(stats, results, ratio, server.hosts)
+    print_report(stats, results, ratio, server.hosts, slow_note)
     if args.json:
         doc = {
             "machine": {
@@ -573,6 +675,10 @@ def main() -> None:
                 "threads": THREADS,
                 "hosts": len(server.hosts),
                 "server_delay_s": args.delay,
+                "slow_images": len(slow),
+                "slow_delay_s": args.slow_delay,
+                "executors": executors,
+                "baseline": str(args.baseline) if args.baseline else None,
                 "curate_max_per_host": args.max_per_host,
             },
             "images": stats,

@@ -4,6 +4,14 @@ Rows whose image came with the input (WebDataset tars, image folders, a parquet 
 :mod:`curate.core.sources`) are not fetched: their bytes go through the same processing as downloaded ones
 (the checks below, resize and re-encode, sha256 of the original bytes, pHash), with the same statuses.
 
+One pool of ``concurrency`` download threads per worker, made in ``setup()``, serves every shard of that
+worker. The stage overlaps shards (``overlaps_shards``, see :mod:`curate.executors.base`): the executors start
+the next shard's downloads while the current shard's slowest URLs finish. The pool serves URLs in the order
+they were queued, and the next shard is queued once the current one is under way, so its URLs take the
+sockets the current shard frees: never more than ``concurrency`` sockets open per worker, and none idle while
+a shard waits on its tail. Each row's result depends on its URL alone, so a shard's output is the same
+whichever shard's URLs ran beside it.
+
 Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
 
 =====================  ==========================================================================
@@ -231,6 +239,7 @@ class Download(Stage):
     )
     reads = ("url", "status", "drop_reason")
     resources = StageResources(cpus=1)
+    overlaps_shards = True  # thread-safe, one socket budget per worker: see the module docstring
 
     config: DownloadConfig
 
@@ -261,6 +270,8 @@ class Download(Stage):
         policy = dataclasses.replace(_pick(FetchPolicy, c), accept=accept_header(c.formats))
         self._fetcher = Fetcher(policy)
         self._image = _pick(ImageOptions, c)
+        # The worker's sockets, shared by every shard it runs (FIFO: a shard's URLs before the next one's).
+        self._sockets = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="curate-download")
 
     def _one(self, url: str | None, given: bytes | None = None) -> Processed:
         if given is not None:  # the image came with the input: no fetch, the same processing
@@ -282,9 +293,13 @@ class Download(Stage):
             if "source_image" in table.column_names
             else [None] * table.num_rows
         )
-        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, max(len(todo), 1))) as pool:
-            done = pool.map(self._one, [urls[i] for i in todo], [given[i] for i in todo])
-            results = dict(zip(todo, done, strict=True))
+        futures = [self._sockets.submit(self._one, urls[i], given[i]) for i in todo]
+        try:
+            results = {i: f.result() for i, f in zip(todo, futures, strict=True)}
+        except BaseException:  # a bug, or Ctrl-C: the shard's queued URLs leave the next shard's way
+            for f in futures:
+                f.cancel()
+            raise
         if "source_image" in table.column_names:  # taken: from here on the stored image is the image
             table = table.drop_columns(["source_image"])
 

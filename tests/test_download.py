@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import sidecars, write_pipeline
+from conftest import shard_files, sidecars, write_pipeline
 from PIL import Image
 from support.hostile import HostileServer, encode, png_claiming, static
 from support.tls import make_ca, server_context
@@ -428,3 +428,153 @@ def test_the_network_options_are_checked_in_the_config():
     assert DownloadConfig(proxy="proxy.internal:3128").proxy == "proxy.internal:3128"
     with pytest.raises(ValueError):
         DownloadConfig(max_per_host=0)
+
+
+# --- shards overlap: the next shard's downloads take the sockets the current shard's tail leaves idle ---
+
+
+class TimedServer(HostileServer):
+    """Serves ``/slow*`` after ``slow`` seconds, every other path at once, the same small JPEG; keeps each
+    request's path with the time it arrived and the time it was answered, and the most requests open at
+    once."""
+
+    def __init__(self, slow: float):
+        super().__init__()
+        self.body = encode(Image.new("RGB", (40, 30), "red"), "JPEG")
+        self.slow, self.log, self.open, self.most_open = slow, [], 0, 0
+        self.routes = _AnyPath(self.answer)
+
+    def answer(self, c):
+        path = c.head.split(b" ", 2)[1].decode()
+        with self._lock:  # counted until just before the answer: the client cannot reuse its socket sooner
+            arrived = time.monotonic()
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        if "/slow" in path:
+            c.wait(self.slow)
+        with self._lock:
+            self.open -= 1
+            self.log.append((path, arrived, time.monotonic()))
+        c.respond("200 OK", self.body, {"Content-Type": "image/jpeg"})
+
+    def times(self, path):
+        (found,) = [(a, d) for p, a, d in self.log if p == path]
+        return found
+
+
+@pytest.fixture
+def timed():
+    with TimedServer(slow=2.0) as srv:
+        yield srv
+
+
+class _AnyPath(dict):
+    """Routes that send every path to one handler."""
+
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def get(self, path, default=None):
+        return self.handler
+
+
+def overlap_pipeline(tmp_path, srv, paths, shard_size=4, **download):
+    pq.write_table(
+        pa.table({"url": [srv.url + p for p in paths], "caption": [f"picture {p}" for p in paths]}),
+        tmp_path / "in.parquet",
+    )
+    stage = {
+        "stage": "download",
+        "allow_private": [srv.host_port],
+        "image_size": 16,
+        "robots_txt": False,
+        "tdmrep": False,
+        "concurrency": 8,
+        **download,
+    }
+    return write_pipeline(
+        tmp_path / "p.yaml",
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        [stage],
+        shard_size=shard_size,
+        input={"url_col": "url", "caption_col": "caption"},
+    )
+
+
+def sequential(config_path, out):
+    """Every shard through the phase on its own, one after another: the path without overlap."""
+    from curate.core.pipeline import Pipeline
+
+    pipeline = Pipeline(load_config(config_path, [f"output.path={out}"]))
+    job = pipeline.job(0)
+    for spec in pipeline.reader.plan(pipeline.config.shard_size):
+        job.process(spec)
+    return shard_files(out)
+
+
+# shard 00000: one URL 2 s slow and three fast; 00001 and 00002: four fast each
+SHARDED = (
+    ["/slow/a", "/s0/b", "/s0/c", "/s0/d"] + [f"/s1/{i}" for i in range(4)] + [f"/s2/{i}" for i in range(4)]
+)
+
+
+def test_the_next_shard_downloads_while_the_slowest_url_of_this_one_finishes(tmp_path, timed):
+    p = overlap_pipeline(tmp_path, timed, SHARDED)
+    summary = run_pipeline(load_config(p), show_progress=False)
+    assert summary.exit_code == 0 and summary.counts["status"] == {"ok": 12}
+    _, slow_done = timed.times("/slow/a")
+    # shard 00001 was fetched while shard 00000 waited on its slow URL: the sockets did not idle
+    assert all(timed.times(f"/s1/{i}")[1] < slow_done - 1.0 for i in range(4)), timed.log
+    # a lookahead of one shard: 00002 starts only once 00000 is done (two shards held at most)
+    assert all(timed.times(f"/s2/{i}")[0] >= slow_done for i in range(4)), timed.log
+    assert shard_files(tmp_path / "out") == sequential(p, tmp_path / "sequential")
+
+
+def test_under_ray_an_actor_takes_the_next_shard_while_the_slowest_url_of_one_finishes(
+    tmp_path, timed, ray_cluster
+):
+    # One actor (the stage asks for both CPUs of the test cluster), so the overlap is within one worker. It
+    # holds two shards at once: 00000 and 00001; when 00001 is written it takes 00002.
+    p = overlap_pipeline(tmp_path, timed, SHARDED, resources={"cpus": 2})
+    summary = run_pipeline(load_config(p, ["executor.kind=ray"]), show_progress=False)
+    assert summary.exit_code == 0 and summary.counts["status"] == {"ok": 12}
+    _, slow_done = timed.times("/slow/a")
+    assert all(timed.times(f"/s{k}/{i}")[1] < slow_done - 0.5 for k in (1, 2) for i in range(4)), timed.log
+    assert shard_files(tmp_path / "out") == sequential(p, tmp_path / "sequential")
+
+
+def test_shards_share_one_socket_budget(tmp_path, timed):
+    paths = ["/slow/a", "/slow/b"] + [f"/s0/{i}" for i in range(4)] + [f"/s1/{i}" for i in range(6)]
+    p = overlap_pipeline(tmp_path, timed, paths, shard_size=6, concurrency=3)
+    assert run_pipeline(load_config(p), show_progress=False).exit_code == 0
+    assert timed.most_open <= 3  # two shards at once, never more sockets than one worker's concurrency
+    # while both slow URLs held two sockets, shard 00001 went through the third
+    assert max(timed.times(x)[1] for x in paths[6:]) < min(timed.times(x)[1] for x in paths[:2])
+
+
+def test_a_run_killed_while_shards_overlap_resumes_to_the_same_bytes(tmp_path, timed):
+    import os
+    import signal
+    import subprocess
+
+    from raycluster import CURATE
+
+    p = overlap_pipeline(tmp_path, timed, SHARDED)
+    expected = sequential(p, tmp_path / "sequential")
+    timed.log.clear()
+    driver = subprocess.Popen([*CURATE, "run", str(p), "-q"], start_new_session=True)
+    try:
+        end = time.monotonic() + 60
+        # killed while shard 00000 waits on its slow URL and 00001's downloads are done: nothing written yet
+        while not any(path.startswith("/s1/3") for path, _, _ in timed.log) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not list((tmp_path / "out" / "shards").glob("*_stats.json"))
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait()
+    summary = run_pipeline(load_config(p), show_progress=False)
+    assert summary.exit_code == 0 and summary.shards_done == ["00000", "00001", "00002"]
+    assert shard_files(tmp_path / "out") == expected
+    assert not [f for f in (tmp_path / "out").rglob("*") if ".tmp" in f.name]

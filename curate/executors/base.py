@@ -1,18 +1,44 @@
-"""What every executor shares: the protocol an executor implements, and the callback it reports shards to.
-A leaf of the package: the executors import it, and it imports none of them."""
+"""What every executor shares: the protocol an executor implements, the callback it reports shards to, and
+which stages of a phase may run on the next shard while the current one finishes (the *overlapping head*).
+A leaf of the package: the executors import it, and it imports none of them.
+
+Overlapping shards. A stage whose work is mostly waiting (the download stage: its shard waits for its slowest
+URL while its sockets idle) declares ``overlaps_shards = True``: its ``__call__`` may then run on two shards
+of one worker at once, in two threads, and it bounds its own concurrency per worker (the download stage: one
+pool of ``concurrency`` sockets that every shard of the worker shares, first come first served). The leading
+run of such stages of a phase is its head (:func:`overlapping_head`). Each executor lets a worker start the
+head of its next shard (a lookahead of one) while the current shard is still in its head: the next shard's
+URLs queue behind the current shard's (locally: once the current shard is loaded; in a Ray actor the first two
+shards start together), so they take the sockets its slowest URLs leave idle, and never more than the
+worker's budget is open. The rest of the phase (the tail: model stages, filters) and the writer run
+on one shard at a time per worker, in shard order locally, as they did without overlap, so a model stage
+never runs on two shards at once in one process. A shard's bytes do not depend on it: each row's result is
+its own, whenever it comes. A shard is written whole or not at all, so a killed run resumes as before.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from curate.core.pipeline import PhaseJob, ShardResult
+from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
 from curate.executors.plan import Plan
 
-__all__ = ["Executor", "OnResult"]
+__all__ = ["Executor", "OnResult", "overlapping_head"]
 
 OnResult = Callable[[ShardResult], None]
+
+
+def overlapping_head(stages: Sequence[BoundStage]) -> list[BoundStage]:
+    """The leading stages of a phase that may run on the next shard while the current one finishes: those
+    whose class sets ``overlaps_shards`` (the download stage), up to the first that does not."""
+    head: list[BoundStage] = []
+    for bound in stages:
+        if not getattr(bound.stage, "overlaps_shards", False):
+            break
+        head.append(bound)
+    return head
 
 
 class Executor(Protocol):

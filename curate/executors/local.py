@@ -1,16 +1,27 @@
-"""In-process execution, one shard after another: the default for debugging and unit tests."""
+"""In-process execution, one shard after another: the default for debugging and unit tests.
+
+A phase whose first stages overlap shards (the download stage: :mod:`curate.executors.base`) runs with a
+lookahead of one shard: while this thread takes shard N through the rest of the phase and writes it, a second
+thread has already loaded shard N+1 and started its downloads, whose URLs queue behind shard N's in the
+stage's one socket pool and take the sockets shard N's slowest URLs leave idle. Everything after the head,
+and the writer, runs in this thread, shard after shard, in order, as without overlap. A shard whose first try
+fails is tried again here, on its own, as every shard of a phase without overlap is. At most two shards are
+held at once (the one being finished and the next).
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from curate.core.config import ExecutorConfig
-from curate.core.pipeline import PhaseJob, ShardResult
+from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
-from curate.executors.base import OnResult
+from curate.executors.base import OnResult, overlapping_head
 from curate.executors.plan import Cluster, Node, Plan, local_plan
 
 __all__ = ["LocalExecutor", "this_machine"]
@@ -55,15 +66,75 @@ class LocalExecutor:
         bound.stage.fit(shards)
 
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
+        head = overlapping_head(job.stages)
+        if head and len(specs) > 1 and _set_up(job, head):
+            self._run_overlapped(job, head, specs, on_result)
+        else:
+            for spec in specs:
+                self._finish(job, spec, on_result, first=1)
+
+    def _finish(self, job: PhaseJob, spec: ShardSpec, on_result: OnResult, first: int) -> None:
+        """Take ``spec`` through the whole phase here, tries ``first`` and on; report its result."""
         tries = 1 + self.config.max_shard_retries
-        for spec in specs:
-            for attempt in range(1, tries + 1):
+        for attempt in range(first, tries + 1):
+            try:
+                stats = job.process(spec)
+            except Exception:
+                error = traceback.format_exc()
+                if attempt == tries:
+                    on_result(ShardResult(spec.id, error=error, attempts=attempt))
+            else:
+                on_result(ShardResult(spec.id, stats=stats, attempts=attempt))
+                return
+
+    def _run_overlapped(
+        self, job: PhaseJob, head: list[BoundStage], specs: list[ShardSpec], on_result: OnResult
+    ) -> None:
+        """Shard N's tail and write here while the next shard's head (load and downloads) runs in a thread."""
+        tail = job.stages[len(head) :]
+        ahead = ThreadPoolExecutor(max_workers=2, thread_name_prefix="curate-shard-head")
+        loaded = [threading.Event() for _ in specs]
+        heads: dict[int, Future] = {0: ahead.submit(_run_head, job, head, specs[0], loaded[0])}
+        try:
+            for i, spec in enumerate(specs):
+                if i + 1 < len(specs):  # the lookahead: its URLs queue behind this shard's
+                    loaded[i].wait()  # (set when shard i's head has its table, or failed to load it)
+                    heads[i + 1] = ahead.submit(_run_head, job, head, specs[i + 1], loaded[i + 1])
                 try:
-                    stats = job.process(spec)
+                    table, timings = heads.pop(i).result()
+                    table = job.apply(tail, table, timings)
+                    stats = job.sink(spec, table, timings)
                 except Exception:
-                    error = traceback.format_exc()
-                    if attempt == tries:
-                        on_result(ShardResult(spec.id, error=error, attempts=attempt))
+                    if self.config.max_shard_retries == 0:
+                        on_result(ShardResult(spec.id, error=traceback.format_exc(), attempts=1))
+                    else:
+                        self._finish(job, spec, on_result, first=2)
                 else:
-                    on_result(ShardResult(spec.id, stats=stats, attempts=attempt))
-                    break
+                    on_result(ShardResult(spec.id, stats=stats, attempts=1))
+        finally:
+            for future in heads.values():  # stopped early (Ctrl-C): the next shard's head is not waited for
+                future.cancel()
+            ahead.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_up(job: PhaseJob, head: list[BoundStage]) -> bool:
+    """Set the head's stages up here, before two threads run them (``setup()`` runs once, in one thread).
+    False when one raises: the phase then runs shard after shard, and each shard fails and is retried as
+    it would have been."""
+    try:
+        job.setup(head)
+    except Exception:
+        return False
+    return True
+
+
+def _run_head(
+    job: PhaseJob, head: list[BoundStage], spec: ShardSpec, loaded: threading.Event
+) -> tuple[Any, dict[str, Any]]:
+    """Load ``spec`` and run the overlapping stages on it (in a lookahead thread). ``loaded`` is set once
+    the shard is loaded: the next shard's head starts after it, so this shard's URLs queue first."""
+    try:
+        table, timings = job.load(spec)
+    finally:
+        loaded.set()
+    return job.apply(head, table, timings), timings

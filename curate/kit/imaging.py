@@ -144,6 +144,9 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
     return result
 
 
+_TRANSPOSED = (2, 3, 4, 5, 6, 7, 8)  # the EXIF orientations that ImageOps.exif_transpose turns or flips
+
+
 def _process(data: bytes, opt: ImageOptions, digest: str) -> Processed:
     kind = sniff(data)
     if kind is None:
@@ -203,7 +206,8 @@ def _process(data: bytes, opt: ImageOptions, digest: str) -> Processed:
             img.seek(0)  # first frame of an animation
             _load(img)
             _hash_original(img, base, opt)
-            img = ImageOps.exif_transpose(img)
+            if orientation in _TRANSPOSED:  # else exif_transpose only copies the full-size pixels
+                img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
             img = resize(img, opt)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
