@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "GIB",
     "MIB",
+    "ClusterAccessError",
     "ConfigError",
     "HashListError",
     "InputError",
@@ -161,6 +162,11 @@ class RetrievalIndexError(InputError):
 
 class TakedownError(InputError):
     """A takedown that cannot start (no run, an unreadable request): the CLI exits with code 2."""
+
+
+class ClusterAccessError(InputError):
+    """A Ray cluster that refuses this process (it wants its authentication token, and this process has none,
+    or another): says which variable to set. The CLI exits with code 2."""
 
 
 class ModelNotFound(Exception):

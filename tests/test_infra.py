@@ -12,15 +12,20 @@ Checked here, offline and without a cluster:
 - the Ray cluster launcher config passes Ray's own schema (``ray-schema.json``, after Ray fills in the AWS
   defaults as ``ray up`` does), and its ``ray start`` commands parse;
 - the sbatch scripts pass ``bash -n``, have ``#SBATCH`` headers, and run end to end against stub ``srun``,
-  ``scontrol``, ``ray``, ``torchrun`` and ``curate`` commands: the ``ray start`` and ``torchrun`` command
-  lines they build parse with Ray's and torch's own parsers, the ``curate`` ones with curate's CLI and
-  config loaders, and the Ray script returns curate's exit code and stops its Ray steps;
+  ``scontrol``, ``ray``, ``python``, ``torchrun`` and ``curate`` commands for several nodes: the ``ray start``
+  and ``torchrun`` command lines they build parse with Ray's and torch's own parsers, the ``curate`` ones with
+  curate's CLI and config loaders; the Ray script makes one token per job (mode 0600, in TOKEN_DIR, deleted
+  at the end, on no command line), gives every command its path, starts the head with the address asked on
+  the head's node, returns curate's exit code, stops its Ray steps, and gives up with a message when the
+  head exits or nodes do not join;
+- the KubeRay manifests turn on Ray's token authentication (``authOptions``, a ``rayVersion`` >= 2.52);
 - every other ``curate ...`` line in infra/ (README, comments) parses with curate's CLI;
 - the Dockerfile has a base image, a non-root user, installs ``.[gpu]`` and runs ``curate``; the curate
   extras named in any ``pip install`` exist in pyproject.toml, and ray's in ray's metadata.
 
-Not checked (needs what this machine lacks): ``docker build``, ``kubectl apply`` against KubeRay's CRDs, a
-real Slurm, ``ray up`` on AWS, and the GPU packages (faiss-gpu-cu12) importing on a GPU node.
+Not checked (needs what this machine lacks): ``docker build``, ``kubectl apply`` against KubeRay's CRDs,
+``ray up`` on AWS, and the GPU packages (faiss-gpu-cu12) importing on a GPU node. The scripts under a real
+one-node Slurm: tests/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -130,6 +135,9 @@ def test_every_yaml_parses():
 
 def _check_ray_cluster_spec(spec: dict) -> list[str]:
     """The parts of a RayClusterSpec KubeRay needs; returns the images it names."""
+    # Ray's token authentication, made and handed out by the operator (authOptions needs Ray >= 2.52).
+    assert spec["authOptions"] == {"mode": "token"}
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 52)
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     groups = spec["workerGroupSpecs"]
@@ -149,6 +157,7 @@ def _check_ray_cluster_spec(spec: dict) -> list[str]:
         for c in pod["containers"]:
             images.append(c["image"])
             env = {e["name"]: e for e in c["env"]}
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), "the operator sets them (authOptions)"
             assert env["CURATE_MODEL_DIR"]["value"] in {m["mountPath"] for m in c["volumeMounts"]}
             for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
@@ -317,16 +326,22 @@ def test_sbatch_syntax_and_headers(name):
 
 
 STUB_LOG = r"""line=$(printf '%s\x1f' "${0##*/}" "$@"); printf '%s\n' "$line" >> "$STUB_LOG"
+# What Ray's token settings were for this command: mode, path, the file's permissions and content.
+t=${RAY_AUTH_TOKEN_PATH:-}; [[ -f $t ]] && tp=$(stat -c %a "$t") tc=$(cat "$t") || tp="" tc=""
+printf '%s\x1f%s\x1f%s\x1f%s\x1f%s\n' "${0##*/}" "${RAY_AUTH_MODE:-}" "$t" "$tp" "$tc" >> "$STUB_LOG.env"
 """
 STUBS = {
     # srun OPTION=VALUE... COMMAND: runs COMMAND once (the scripts write srun's options as --opt=value).
     "srun": 'while [[ $1 == -* ]]; do shift; done\nexec "$@"\n',
     "scontrol": 'for ((i = 1; i <= STUB_NODES; i++)); do echo "node$i"; done\n',
-    "hostname": "echo 10.0.0.1\n",
     # `ray start --block` waits until the script stops it; the rest return at once.
     "ray": 'for a in "$@"; do [[ $a == --block ]] && exec "$STUB_SLEEP" 60; done\nexit 0\n',
-    # The wait loop's count of live Ray nodes: the `ray start` calls so far.
-    "python": "grep -c $'^ray\\x1fstart\\x1f' \"$STUB_LOG\" || true\n",
+    # The head's address as Ray picks it, and the wait loop's count of live Ray nodes: the `ray start` calls
+    # so far.
+    "python": "[[ $* == *get_node_ip_address* ]] && exec echo 10.0.0.1\n"
+    "grep -c $'^ray\\x1fstart\\x1f' \"$STUB_LOG\" || true\n",
+    # `timeout N bash -c ...` is the wait loop's check that the head's port answers (it does, here).
+    "timeout": 'shift; [[ $1 == bash ]] && exit 0; exec "$@"\n',
     "sleep": "exit 0\n",
     "curate": 'exit "${STUB_CURATE_RC:-0}"\n',
     "torchrun": 'echo "MASTER=$MASTER_ADDR:$MASTER_PORT"\n',
@@ -373,6 +388,19 @@ def test_ray_cluster_sbatch_runs_curate_on_the_cluster(tmp_path, laion_input, mo
         {"INPUT": str(laion_input), "OUTPUT": str(output), "STUB_CURATE_RC": str(curate_rc)},
     )
     assert proc.returncode == curate_rc, proc.stderr  # curate's exit code is the job's
+    # One token for the job, in ~/.ray (TOKEN_DIR's default), only the user's while the job ran, gone after;
+    # every Ray process and curate were told where it is, and it is on no command line and in no output.
+    token_file = tmp_path / ".ray" / "curate-ray-42.token"
+    seen = [line.split("\x1f") for line in (tmp_path / "calls.log.env").read_text().splitlines()]
+    told = [e for e in seen if e[0] in ("ray", "curate") or (e[0] == "python" and e[2])]
+    assert {e[0] for e in told} == {"ray", "curate", "python"}
+    assert {(mode, path, perms) for _, mode, path, perms, _ in told} == {("token", str(token_file), "600")}
+    ((token,),) = {(e[4],) for e in told}
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    assert not token_file.exists()
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    assert not [c for c in calls if any(token in a for a in c)]
+    assert token not in proc.stdout + proc.stderr
     starts = [c[1:] for c in calls if c[:2] == ["ray", "start"]]
     assert len(starts) == 3, calls  # a head and two workers
     parsed = [_parse_ray(argv).params for argv in starts]
@@ -381,6 +409,9 @@ def test_ray_cluster_sbatch_runs_curate_on_the_cluster(tmp_path, laion_input, mo
     for p in parsed:
         assert p["block"] and p["num_cpus"] == 16 and p["num_gpus"] == 4
         assert p["head"] or p["address"] == "10.0.0.1:6379"
+    # The head's address was asked on the head's node, as Ray would pick it there.
+    (ip_srun,) = [c for c in calls if c[0] == "srun" and "python" in c]
+    assert "--nodelist=node1" in ip_srun and any("get_node_ip_address" in a for a in ip_srun)
     # Every Ray step was started through srun, on its own node.
     ray_sruns = [c for c in calls if c[0] == "srun" and "ray" in c]
     assert sorted(a for c in ray_sruns for a in c if a.startswith("--nodelist=")) == [
@@ -403,18 +434,29 @@ def test_ray_cluster_sbatch_runs_curate_on_the_cluster(tmp_path, laion_input, mo
 
 def test_ray_cluster_sbatch_gives_up_when_nodes_do_not_join(tmp_path):
     # One node never joins: the wait loop sees one live node fewer than the allocation has.
-    never_joins = {"python": "echo $((STUB_NODES - 1))\n"}
-    proc, calls = _run_with_stub_slurm(
-        tmp_path, "ray-cluster.sbatch", {"RAY_WAIT_S": "10"}, stubs=never_joins
-    )
+    never_joins = {
+        "python": "[[ $* == *get_node_ip_address* ]] && exec echo 10.0.0.1\necho $((STUB_NODES - 1))\n"
+    }
+    proc, calls = _run_with_stub_slurm(tmp_path, "ray-cluster.sbatch", {"RAY_WAIT_S": "2"}, stubs=never_joins)
     assert proc.returncode == 1
     assert "Ray node(s) joined" in proc.stderr
     assert not [c for c in calls if c[0] == "curate"]
 
 
+def test_ray_cluster_sbatch_stops_waiting_when_the_head_exits(tmp_path):
+    # `ray start --head` fails (a bad option, a port in use): the job says so at once, not after RAY_WAIT_S.
+    head_fails = {"ray": 'for a in "$@"; do [[ $a == --head ]] && exit 1; done\nexec "$STUB_SLEEP" 60\n'}
+    no_answer = {"timeout": "exit 1\n"}  # the head's port never answers
+    proc, calls = _run_with_stub_slurm(tmp_path, "ray-cluster.sbatch", {}, stubs={**head_fails, **no_answer})
+    assert proc.returncode == 1
+    assert "error: the Ray head on node1 exited while waiting for the head" in proc.stderr
+    assert not [c for c in calls if c[0] == "curate" or c[:3] == ["ray", "start", "--address=10.0.0.1:6379"]]
+    assert not list((tmp_path / ".ray").iterdir())  # the token is deleted however the job ends
+
+
 def test_ray_cluster_sbatch_wait_snippet_compiles():
-    snippets = re.findall(r"python -c '([^']*)'", SBATCH["ray-cluster.sbatch"].read_text())
-    assert snippets
+    snippets = re.findall(r"(?:python -c |count_nodes=)'([^']*)'", SBATCH["ray-cluster.sbatch"].read_text())
+    assert len(snippets) == 2  # the head's address, the count of live nodes
     for snippet in snippets:
         compile(snippet, "ray-cluster.sbatch", "exec")
 

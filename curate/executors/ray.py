@@ -11,8 +11,10 @@ the row's error, so one bad shard never aborts the phase; failed shards are retr
 reported. Each shard's stats file names the Ray node that wrote it (``node``).
 
 ``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked);
-``executor.address`` or ``RAY_ADDRESS`` joins an existing one. A cluster that is already initialised in
-this process (a test session's, a notebook's) is used as it is and left running.
+``executor.address`` or ``RAY_ADDRESS`` joins an existing one, after a quick check that it answers and, when
+it wants Ray's authentication token, that this process will send the right one (``check_token``: otherwise exit
+2 saying what to set, rather than ray.init's retries). A cluster that is already initialised in this process
+(a test session's, a notebook's) is used as it is and left running.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from curate.base import ConfigError
+from curate.base import ClusterAccessError, ConfigError
 from curate.core.config import ExecutorConfig
 from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
-from curate.executors.base import OnResult
+from curate.executors.base import OnResult, overlapping_head
 from curate.executors.plan import Cluster, Node, Plan, make_plan, plan_phase
 
 _ROW_SCHEMA = pa.schema(
@@ -133,6 +137,31 @@ class _PhaseActor(_Phase):
         job.setup(job.stages)
 
 
+class _OverlappingPhaseActor(_PhaseActor):
+    """Actor of a phase whose head overlaps shards (:mod:`curate.executors.base`), run with
+    ``max_concurrency=OVERLAP``: two shards at once, each in a thread of its own. Their heads (load, downloads)
+    run side by side and share the actor's one socket pool, the earlier shard's URLs first; the tail and the
+    write take one shard at a time (a lock), so a model stage never runs on two shards at once."""
+
+    def __init__(self, job: PhaseJob):
+        super().__init__(job)
+        self.head = overlapping_head(job.stages)
+        self.tail = job.stages[len(self.head) :]
+        self.one_at_a_time = threading.Lock()
+
+    def step(self, row: dict[str, Any]) -> dict[str, Any]:
+        spec = _spec(row)
+        table, timings = self.job.load(spec)
+        table = self.job.apply(self.head, table, timings)
+        with self.one_at_a_time:
+            table = self.job.apply(self.tail, table, timings)
+            stats = _stamped(self.job).sink(spec, table, timings)
+        return {"data": b"", "timings": json.dumps(stats)}
+
+
+OVERLAP = 2  # shards an overlapping actor holds at once: the one it finishes and the next
+
+
 class _NodeStampedWriter:
     """The job's writer, adding to each shard's stats the Ray node that wrote it (``node``: id and IP)."""
 
@@ -206,6 +235,87 @@ def storage_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(_STORAGE_ENV)}
 
 
+# Ray's token authentication (https://docs.ray.io/en/latest/ray-security/token-auth.html): a cluster started
+# with RAY_AUTH_MODE=token (or `ray start` finding a token) refuses every process that does not send its token.
+# ray.init would retry such a connection for about 20 s and then say only "Failed to connect"; the check below
+# asks the GCS once, without and with this process's token, and says what to set.
+_WHAT_TO_SET = (
+    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the file that holds the cluster's token "
+    "(or RAY_AUTH_TOKEN to the token)"
+)
+
+
+def _ray_token() -> tuple[str, str] | None:
+    """The token Ray would send from this process, and where it comes from, in Ray's documented order:
+    RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token. None when there is none. A
+    RAY_AUTH_TOKEN_PATH that cannot be read is an error here (Ray aborts the process on it)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise ClusterAccessError(
+                f"RAY_AUTH_TOKEN_PATH={path}: {e.strerror or e}; {_WHAT_TO_SET}"
+            ) from None
+        if not token:
+            raise ClusterAccessError(f"RAY_AUTH_TOKEN_PATH={path} is empty; {_WHAT_TO_SET}")
+        return token, f"RAY_AUTH_TOKEN_PATH={path}"
+    with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: no home directory
+        default = Path.home() / ".ray" / "auth_token"
+        token = default.read_text().strip()
+        if token:
+            return token, str(default)
+    return None
+
+
+def _gcs_accepts(address: str, token: str | None) -> bool | None:
+    """Whether the GCS at HOST:PORT answers a request that carries ``token`` (None: no token): False when it
+    refuses it as unauthenticated, None when it cannot tell (then ray.init says what is wrong)."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return None
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10, metadata=metadata)
+        except grpc.RpcError as e:
+            return False if e.code() == grpc.StatusCode.UNAUTHENTICATED else None
+    return True
+
+
+def check_token(address: str) -> None:
+    """Raise ClusterAccessError (exit 2, one line) when the cluster at HOST:PORT wants a token that this
+    process will not send: none found, another cluster's, or RAY_AUTH_MODE not ``token`` (Ray sends the token
+    only then). Returns at once for a cluster without authentication."""
+    found = _ray_token()
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "token" and found is None:
+        raise ClusterAccessError(
+            f"RAY_AUTH_MODE=token, but no Ray authentication token is set: {_WHAT_TO_SET}"
+        )
+    if _gcs_accepts(address, None) is not False:
+        return
+    if found is None:
+        raise ClusterAccessError(
+            f"the Ray cluster at {address} requires its authentication token: {_WHAT_TO_SET}"
+        )
+    token, source = found
+    if _gcs_accepts(address, token) is False:
+        raise ClusterAccessError(
+            f"the Ray cluster at {address} refuses the token of {source}: {_WHAT_TO_SET}"
+        )
+    if mode != "token":
+        raise ClusterAccessError(
+            f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token "
+            f"(the token of {source} is this cluster's)"
+        )
+
+
 class RayExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
@@ -234,6 +344,8 @@ class RayExecutor:
                     )
                 ]
             ) from None
+        if "://" not in address:  # the GCS itself; a Ray Client server (ray://) speaks another protocol
+            check_token(address)
 
     def __enter__(self) -> RayExecutor:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -349,17 +461,29 @@ class RayExecutor:
         """The phase as one operator, on Ray core: ``slots`` tasks (or actors, when a stage has a model) at a
         time, each reading, processing and writing a whole shard. Not Ray Data: its actor pools took about
         4 s more to start per run on a 2-CPU node (benchmarks/RESULTS.md), and nothing here needs its
-        blocks, as only the shard's stats come back."""
+        blocks, as only the shard's stats come back.
+
+        A phase whose head overlaps shards (the download stage) runs as threaded actors instead of tasks,
+        each given ``OVERLAP`` shards at a time (a lookahead of one): the next shard's downloads take the
+        sockets the current shard's slowest URLs leave idle, and an actor keeps its sockets, robots.txt and
+        DNS caches from shard to shard."""
         import ray
 
         slots = min(op.concurrency, len(items))
         options: dict[str, Any] = {**op.ray_options(), "scheduling_strategy": "SPREAD"}
         if storage_env():  # also reaches a cluster that was running before this driver
             options["runtime_env"] = {"env_vars": storage_env()}
-        actors = op.kind == "actors"
-        if actors:
-            actor = ray.remote(_PhaseActor).options(**options)
+        overlapping = bool(overlapping_head(job.stages)) and len(items) > 1
+        actors = op.kind == "actors" or overlapping
+        if overlapping:
+            actor = ray.remote(_OverlappingPhaseActor).options(**options, max_concurrency=OVERLAP)
             workers: list[Any] = [actor.remote(job) for _ in range(slots)]
+
+            def submit(worker: Any, row: dict[str, Any]) -> Any:
+                return worker.run.remote(row)
+        elif actors:
+            actor = ray.remote(_PhaseActor).options(**options)
+            workers = [actor.remote(job) for _ in range(slots)]
 
             def submit(worker: Any, row: dict[str, Any]) -> Any:
                 return worker.run.remote(row)
@@ -371,7 +495,9 @@ class RayExecutor:
             def submit(worker: Any, row: dict[str, Any]) -> Any:
                 return task.remote(job_ref, row)
 
-        todo, idle, running = list(reversed(items)), list(workers), {}
+        # Each worker once, then (overlapping) each again: the first shards spread over the workers.
+        idle = [w for _ in range(OVERLAP if overlapping else 1) for w in reversed(workers)]
+        todo, running = list(reversed(items)), {}
         try:
             while todo or running:
                 while todo and idle:
