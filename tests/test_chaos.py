@@ -133,7 +133,7 @@ def _finished(out: Path) -> set[str]:
     )
 
 
-def _wait_for(what: str, ready, driver: Driver, timeout: float = 60) -> None:
+def _wait_for(what: str, ready, driver: Driver, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if not driver.running():
