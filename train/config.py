@@ -194,6 +194,27 @@ class RetrievalConfig(StrictModel):
     exclude_similarity: float = Field(
         0.97, description="neighbours this similar to the sample count as its duplicates and are skipped"
     )
+    condition: Literal["embedding", "images_and_captions"] = Field(
+        "embedding",
+        description="embedding: each neighbour's CLIP image embedding is one cross-attention token (kNN-Diffusion, "
+        "RDM); images_and_captions: its image's patch tokens (a small trained encoder of the image at image_size) "
+        "and its caption's text-encoder token states (Re-Imagen, RealRAG)",
+    )
+    image_size: int = Field(
+        16, ge=4, description="images_and_captions: the side neighbours' images are resized to"
+    )
+    patch: int = Field(
+        4, ge=1, description="images_and_captions: patch side; (image_size / patch)^2 image tokens"
+    )
+    caption_tokens: int = Field(
+        16, ge=1, description="images_and_captions: the first token states of each neighbour's caption"
+    )
+
+    @model_validator(mode="after")
+    def _patches(self) -> RetrievalConfig:
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
+        return self
 
 
 class LoraConfig(StrictModel):

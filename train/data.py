@@ -231,8 +231,8 @@ def to_pixels(
 class ShardStream:
     """An endless stream of batches for one rank (a ``torch.utils.data.IterableDataset`` via :meth:`dataset`).
 
-    ``neighbours`` maps a uid to its retrieved neighbours' embeddings ([k, d]); samples without an entry are
-    skipped when it is given. ``consumed`` maps a worker id to the batches of its stream already trained on."""
+    ``neighbours`` (a :mod:`curate.train.retrieval` table) maps a uid to its retrieved neighbours; samples
+    without an entry are skipped when it is given. ``consumed`` maps a worker id to the batches of its stream already trained on."""
 
     def __init__(
         self,
@@ -360,10 +360,8 @@ class ShardStream:
             "number": number,
             "epoch": epoch,
         }
-        if self.neighbours is not None:
-            out["neighbours"] = torch.from_numpy(
-                np.stack([np.asarray(s.neighbours, np.float32) for s in batch])
-            )
+        if self.neighbours is not None:  # embeddings, or images and captions (curate.train.retrieval)
+            out.update(self.neighbours.collate([s.neighbours for s in batch]))
         return out
 
     def dataset(self):

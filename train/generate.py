@@ -63,12 +63,12 @@ def generate(
             raise ValueError(
                 f"{state['path']} was trained without retrieval (model.retrieval): it cannot use --rag"
             )
-        from curate.train.retrieval import prompt_neighbours
+        from curate.train.retrieval import generation_neighbours
 
-        want = gen.denoiser.retrieval.null.shape[0]
+        want = gen.denoiser.retrieval.k
         if k is not None and k != want:
             raise ValueError(f"this model was trained with k={want} neighbours; -k {k} does not fit")
-        neighbours = torch.from_numpy(prompt_neighbours(rag, all_prompts, want, clip=gen.text.clip))
+        neighbours = generation_neighbours(gen, rag, all_prompts, device)
     images = gen.sample(
         all_prompts,
         neighbours=neighbours,

@@ -8,9 +8,12 @@
 - or all three (UNet, text encoder, VAE) and the noise schedule from a pretrained diffusers pipeline
   (``model.pretrained``, :mod:`curate.train.pretrained`), its UNet fine-tuned whole or through LoRA adapters
   (``model.lora``, peft, as diffusers' LoRA script does);
-- optionally, for retrieval-augmented generation (Re-Imagen, kNN-Diffusion, RDM), a projection of the
-  neighbours' CLIP image embeddings into extra cross-attention tokens, with learned null tokens for samples
-  (and guidance passes) without neighbours;
+- optionally, for retrieval-augmented generation, extra cross-attention tokens of the retrieved neighbours,
+  with learned null tokens for samples (and guidance passes) without neighbours: a projection of each
+  neighbour's CLIP image embedding (``retrieval.condition: embedding``, as kNN-Diffusion and RDM), or each
+  neighbour's image as patch tokens of a small trained encoder plus its caption's text-encoder token states
+  (``images_and_captions``, as Re-Imagen and RealRAG: the model can copy what a rare concept looks like and
+  read which words name it);
 - a DDPM noise scheduler for training, DDIM or DPM-Solver for sampling.
 
 Sampling with both guidances (text ``g``, retrieval ``r``)::
@@ -33,6 +36,8 @@ from curate.train.config import LoraConfig, ModelConfig, TextEncoderConfig
 __all__ = [
     "Denoiser",
     "Generator",
+    "NeighbourTokens",
+    "Neighbours",
     "RetrievalTokens",
     "Text",
     "TextEncoder",
@@ -185,6 +190,7 @@ class RetrievalTokens(nn.Module):
         self.proj = nn.Sequential(nn.Linear(clip_dim, cross_dim), nn.GELU(), nn.Linear(cross_dim, cross_dim))
         self.rank = nn.Parameter(torch.zeros(k, cross_dim))  # the neighbour's rank, 0 = nearest
         self.null = nn.Parameter(torch.randn(k, cross_dim) * 0.02)
+        self.k = k
 
     def forward(
         self, neighbours: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None
@@ -198,12 +204,65 @@ class RetrievalTokens(nn.Module):
         return torch.where(drop.view(-1, 1, 1), null, tokens)
 
 
+class Neighbours(NamedTuple):
+    """A batch's neighbours for ``images_and_captions``: images [B, k, 3, s, s] in [-1, 1] and their captions'
+    token states [B, k, L, D] (the frozen text encoder's)."""
+
+    images: torch.Tensor
+    captions: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> Neighbours:
+        return Neighbours(self.images[start:stop], self.captions[start:stop])
+
+    def to(self, device: Any) -> Neighbours:
+        return Neighbours(self.images.to(device), self.captions.to(device))
+
+
+class NeighbourTokens(nn.Module):
+    """:class:`Neighbours` -> cross-attention tokens [B, k * (P + L), D]: per neighbour, P patch tokens of its
+    image (a small conv encoder, learned positions) and L tokens of its caption (a projection of the text
+    encoder's states), plus a learned rank embedding; ``null`` tokens stand for "no neighbours"."""
+
+    def __init__(
+        self, text_dim: int, cross_dim: int, k: int, image_size: int, patch: int, caption_tokens: int
+    ):
+        super().__init__()
+        self.k, self.caption_tokens = k, caption_tokens
+        patches = (image_size // patch) ** 2
+        self.image = nn.Sequential(
+            nn.Conv2d(3, cross_dim, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(cross_dim, cross_dim, patch, stride=patch),
+        )
+        self.position = nn.Parameter(torch.randn(patches, cross_dim) * 0.02)
+        self.caption = nn.Linear(text_dim, cross_dim)
+        self.rank = nn.Parameter(torch.zeros(k, 1, cross_dim))  # the neighbour's rank, 0 = nearest
+        self.null = nn.Parameter(torch.randn(k * (patches + caption_tokens), cross_dim) * 0.02)
+
+    def forward(
+        self, neighbours: Neighbours | None, batch: int, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        null = self.null.unsqueeze(0).expand(batch, -1, -1)
+        if neighbours is None:
+            return null
+        images = neighbours.images.to(self.null.dtype)
+        b, k = images.shape[:2]
+        patches = self.image(images.flatten(0, 1)).flatten(2).transpose(1, 2) + self.position
+        words = self.caption(
+            neighbours.captions[:, :, : self.caption_tokens].flatten(0, 1).to(self.null.dtype)
+        )
+        tokens = (torch.cat([patches, words], dim=1).view(b, k, -1, null.shape[-1]) + self.rank).flatten(1, 2)
+        if drop is None:
+            return tokens
+        return torch.where(drop.view(-1, 1, 1), null, tokens)
+
+
 class Denoiser(nn.Module):
     """What is trained: the UNet and the retrieval tokens. ``forward`` assembles the cross-attention context
     (text tokens, the empty caption's where ``drop_text``; then k retrieval tokens, null where ``drop_rag``
     or without neighbours) and predicts the noise (or v)."""
 
-    def __init__(self, unet: nn.Module, retrieval: RetrievalTokens | None):
+    def __init__(self, unet: nn.Module, retrieval: RetrievalTokens | NeighbourTokens | None):
         super().__init__()
         self.unet = unet
         self.retrieval = retrieval
@@ -251,9 +310,13 @@ class Generator:
             self.latent_size, self.channels, self.scaling = resolution, 3, 1.0
         self.resolution = resolution
         self.clip_dim = clip_dim
-        retrieval = (
-            RetrievalTokens(clip_dim, text.dim, cfg.retrieval.k) if cfg.retrieval and clip_dim else None
-        )
+        r = cfg.retrieval
+        retrieval: RetrievalTokens | NeighbourTokens | None = None
+        if r is not None and r.condition == "images_and_captions":
+            tokens = min(r.caption_tokens, text.max_tokens)
+            retrieval = NeighbourTokens(text.dim, text.dim, r.k, r.image_size, r.patch, tokens)
+        elif r is not None and clip_dim:
+            retrieval = RetrievalTokens(clip_dim, text.dim, r.k)
         self.pretrained = pretrained
         if pretrained is not None:
             from curate.train.pretrained import load_noise_schedule, load_pipeline_unet
@@ -295,6 +358,20 @@ class Generator:
             self._null_text = self.text.encode([""], device)
         return self._null_text
 
+    @torch.no_grad()
+    def encode_neighbours(self, images: torch.Tensor, captions: list[list[str]], device: Any) -> Neighbours:
+        """Neighbours' images (uint8 [B, k, s, s, 3]) and captions -> :class:`Neighbours` on ``device``, the
+        captions through the frozen text encoder (each distinct caption once)."""
+        pixels = images.to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+        b, k = pixels.shape[:2]
+        flat = [c for row in captions for c in row]
+        distinct = {c: i for i, c in enumerate(dict.fromkeys(flat))}
+        states = self.text.encode(list(distinct), device).states
+        tokens = self.denoiser.retrieval.caption_tokens
+        where = torch.tensor([distinct[c] for c in flat], device=states.device)
+        states = states[where, :tokens]
+        return Neighbours(pixels, states.reshape(b, k, tokens, -1))
+
     # -- pixels <-> model space --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -335,12 +412,17 @@ class Generator:
         batch: int = 64,
     ) -> np.ndarray:
         """Images for the prompts: uint8 [n, H, W, 3]. ``denoiser`` defaults to the live one (pass the EMA
-        copy to sample from that); ``neighbours`` [n, k, d] turns on retrieval guidance."""
+        copy to sample from that); ``neighbours`` ([n, k, d] embeddings, or :class:`Neighbours`) turns on
+        retrieval guidance."""
         denoiser = denoiser or self.denoiser
         out = []
         for start in range(0, len(prompts), batch):
             part = prompts[start : start + batch]
-            nb = neighbours[start : start + batch].to(device) if neighbours is not None else None
+            nb = None
+            if isinstance(neighbours, Neighbours):
+                nb = neighbours.rows(start, start + batch).to(device)
+            elif neighbours is not None:
+                nb = neighbours[start : start + batch].to(device)
             gen = torch.Generator().manual_seed(seed + start)
             shape = (len(part), self.channels, self.latent_size, self.latent_size)
             x = torch.randn(shape, generator=gen).to(device)

@@ -146,7 +146,7 @@ class Trainer:
             from curate.train.retrieval import training_neighbours
 
             self.neighbours = training_neighbours(cfg.model.retrieval, self.roots, self._say0)
-            clip_dim = self.neighbours.dim
+            clip_dim = getattr(self.neighbours, "dim", None)  # images_and_captions: no embeddings
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
         self.gen = Generator(cfg.model, cfg.data.resolution, text, vae, clip_dim, pretrained)
         self.model = self.gen.denoiser.to(self.device)
@@ -207,7 +207,12 @@ class Trainer:
 
     def _resume(self, ckpt: Path) -> None:
         state = read_state(ckpt)
-        if state.get("config", {}).get("model") != self.cfg.to_dict()["model"]:
+        # validated first: a checkpoint from before a model field was added has that field's default
+        try:
+            trained_with = TrainConfig.model_validate(state.get("config", {})).to_dict()["model"]
+        except ValueError:  # pydantic's ValidationError: a config this version no longer reads
+            trained_with = None
+        if trained_with != self.cfg.to_dict()["model"]:
             raise TrainError(
                 f"{ckpt} was trained with another model config; use a new output folder or the same config"
             )
@@ -248,6 +253,8 @@ class Trainer:
         neighbours = batch.get("neighbours")
         if neighbours is not None:
             neighbours = neighbours.to(dev)
+        elif "neighbour_images" in batch:
+            neighbours = gen.encode_neighbours(batch["neighbour_images"], batch["neighbour_captions"], dev)
         ctx = torch.autocast(dev.type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with ctx:
             pred = self.ddp(noisy, t, text, gen.null_text(dev), neighbours, drop_text, drop_rag)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 __all__ = ["PromptScorer", "grid_image", "validate"]
@@ -69,13 +68,13 @@ def _eval_prompts(trainer, n: int) -> list[str]:
     return [caption for _, caption, _ in holdout_samples(trainer.shards, trainer.cfg.data, n)]
 
 
-def _neighbours(trainer, prompts: list[str]) -> torch.Tensor | None:
+def _neighbours(trainer, prompts: list[str]) -> Any:
     r = trainer.cfg.model.retrieval
     if r is None or not prompts:
         return None
-    from curate.train.retrieval import prompt_neighbours
+    from curate.train.retrieval import generation_neighbours
 
-    return torch.from_numpy(prompt_neighbours(r.index, prompts, r.k, clip=trainer.gen.text.clip))
+    return generation_neighbours(trainer.gen, r.index, prompts, trainer.device)
 
 
 def validate(trainer, denoiser, step: int) -> dict[str, Any]:

@@ -177,14 +177,29 @@ class World:
         return paths
 
 
-def build_world(size: int = 2000, seed: int = 0, photos: bool = True) -> World:
-    """A world of ``size`` rows, deterministic for a seed (see the module docstring)."""
+def build_world(
+    size: int = 2000,
+    seed: int = 0,
+    photos: bool = True,
+    rare: tuple[str, ...] = (),
+    rare_share: float = 0.02,
+) -> World:
+    """A world of ``size`` rows, deterministic for a seed (see the module docstring).
+
+    ``rare`` names colours or shapes to make rare concepts (for retrieval benchmarks): a scene that names one
+    of them (an object or the background) is kept with probability ``rare_share`` and otherwise drawn again
+    until it names none. Without ``rare`` (the default) the rows are the same as before the option existed."""
     if size < 0 or seed < 0:
         raise ValueError(f"size and seed must be >= 0, got size={size}, seed={seed}")
+    unknown = [w for w in rare if w not in COLOURS and w not in SHAPES]
+    if unknown or not 0 <= rare_share <= 1:
+        raise ValueError(f"rare names colours or shapes ({unknown} are neither), rare_share is in [0, 1]")
     plan = np.random.default_rng([seed, 0])
     kinds = _plan_kinds(size, plan)
     row_rngs = [np.random.default_rng([seed, 1, i]) for i in range(size)]
     scenes = [_random_scene(rng) for rng in row_rngs]
+    if rare:
+        scenes = [_make_rare(scene, rare, rare_share, seed, i) for i, scene in enumerate(scenes)]
     clean = [i for i, k in enumerate(kinds) if k == "clean"]
 
     # Duplicates copy an earlier clean row, each a different one while there are enough.
@@ -337,6 +352,24 @@ class _Scene:
         things = [f"{_article(s.colour)} {s.colour} {s.kind}" for s in self.shapes]
         listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
         return f"{listed} on {_article(self.background)} {self.background} background"
+
+
+def names_any(scene: _Scene, words: tuple[str, ...]) -> bool:
+    """Whether the scene's caption names any of these colours or shapes."""
+    named = {scene.background} | {s.colour for s in scene.shapes} | {s.kind for s in scene.shapes}
+    return bool(named & set(words))
+
+
+def _make_rare(scene: _Scene, rare: tuple[str, ...], share: float, seed: int, row: int) -> _Scene:
+    """The scene, or (with probability 1 - share, when it names a rare word) another that names none. Its own
+    generators, so the row's drawing generator is the same as without ``rare``."""
+    if not names_any(scene, rare) or np.random.default_rng([seed, 2, row]).random() < share:
+        return scene
+    attempt = 0
+    while names_any(scene, rare):
+        scene = _random_scene(np.random.default_rng([seed, 3, row, attempt]))
+        attempt += 1
+    return scene
 
 
 def _article(word: str) -> str:
