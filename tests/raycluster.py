@@ -108,9 +108,20 @@ class Cluster:
         )
         self.address = address_file.read_text().strip()
         if self.with_worker_node:
-            self.worker = self._start(
-                "worker", 1, "--address", self.address, "--resources", json.dumps({"worker_node": 1})
-            )
+            # Ray gives a joining node a fixed 30 s to register with the GCS; a loaded machine (the suite's
+            # other worker busy beside it) can miss that, and the node exits. It is started again, twice at most.
+            for attempt in range(3):
+                self.worker = self._start(
+                    "worker", 1, "--address", self.address, "--resources", json.dumps({"worker_node": 1})
+                )
+                deadline = time.monotonic() + 90
+                while len(self.alive_nodes()) != 2 and self.worker.poll() is None:
+                    if self.head.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.3)
+                if self.worker.poll() is None or attempt == 2:
+                    break
+                self.procs.remove(self.worker)
             self._wait(lambda: len(self.alive_nodes()) == 2, "the worker node")
 
     def _start(self, name: str, cpus: int, *args: str) -> subprocess.Popen:
