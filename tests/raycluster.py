@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["CURATE", "RAY", "Cluster", "cluster_env", "kill_tree", "ray_default_missing"]
+__all__ = ["CURATE", "RAY", "Cluster", "cluster_env", "free_ports", "kill_tree", "ray_default_missing"]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # `curate` with the test-only stages (sleep) registered, as a job's entrypoint or a driver subprocess.
@@ -34,7 +34,7 @@ CURATE = [
 ]
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +56,7 @@ def _node_ports() -> list[str]:
     ]
     return [
         arg
-        for name, port in zip(names, _free_ports(len(names)), strict=True)
+        for name, port in zip(names, free_ports(len(names)), strict=True)
         for arg in (f"--{name}", str(port))
     ]
 
@@ -89,7 +89,7 @@ class Cluster:
         self.with_worker_node = worker_node
         self.with_dashboard = dashboard
         self.head_cpus = head_cpus
-        self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.address = ""  # the GCS address, HOST:PORT, for ray.init / executor.address
         self.procs: list[subprocess.Popen] = []

@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import shard_files, write_pipeline
-from raycluster import Cluster, cluster_env
+from raycluster import Cluster, cluster_env, free_ports
 from support.data import make_input, make_tiny_clip
 
 from curate.core.config import load_config
@@ -56,16 +55,6 @@ VENV = Path(sys.executable).parent.parent
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 JOB_TIMEOUT = 420  # a hung job fails the test; a busy machine makes a good one take minutes
 _RAY_TEMP_DIRS: list[str] = []  # the jobs' Ray temp dirs, removed with the Slurm
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _install_slurm() -> None:
@@ -108,7 +97,7 @@ class Slurm:
         return " ".join(f"{k}={fields[k]}" for k in keep if k in fields) + f" RealMemory={memory}"
 
     def write_conf(self) -> None:
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = free_ports(2)
         node = self._node()
         self.node_name = node.split()[0].split("=", 1)[1]
         r = self.root
@@ -293,7 +282,7 @@ def _job_env(tmp: Path, **extra: str) -> dict[str, str]:
         "runtime-env-agent-port",
         "metrics-export-port",
     ]
-    port, *ports = _free_ports(len(names) + 1)
+    port, *ports = free_ports(len(names) + 1)
     start_args = [f"--temp-dir={ray_temp}", "--include-dashboard=false", f"--object-store-memory={200 << 20}"]
     start_args += [f"--{n}={p}" for n, p in zip(names, ports, strict=True)]
     env.update(
@@ -440,7 +429,7 @@ def test_a_train_job_runs_two_processes_with_torchrun_and_checkpoints(slurm, cur
         "validation": {"every": None, "prompts": ["a red circle"]},
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
-    (rdzv_port,) = _free_ports(1)
+    (rdzv_port,) = free_ports(1)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
         "CURATE_VENV": str(VENV),
