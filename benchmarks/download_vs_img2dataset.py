@@ -25,6 +25,10 @@ in one invocation, under the same load.
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --hosts 8 --max-per-host 2 --delay 0.2
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --slow-share 0.03 --slow-delay 6 \
         --executors local,ray
+
+curate runs ``pipelines/download_only.yaml``, whose download computes no perceptual hash
+(``perceptual_hash: false``), as img2dataset computes none; ``--perceptual-hash true`` measures it with the
+hash (and its full-size decode). The report says which settings each curate run had.
 """
 
 from __future__ import annotations
@@ -368,6 +372,7 @@ class Result:
     peak_pss_mib: float
     returncode: int
     peak_connections_per_host: int = 0  # the most any one host held open at once
+    download: dict | None = None  # curate's download settings beyond img2dataset's work (perceptual_hash)
 
 
 def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
@@ -471,8 +476,32 @@ def run_img2dataset(exe: Path, url_list: Path, out: Path, total: int) -> Result:
     return measure("img2dataset", cmd, out, out.with_suffix(".log"), total)
 
 
+def curate_pipeline(source: Path | None) -> Path:
+    """The pipeline a curate run uses: a baseline's own copy where it has one (an earlier curate may not
+    know a setting of today's), else this checkout's."""
+    earlier = source / "curate" / "pipelines" / PIPELINE.name if source is not None else None
+    return earlier if earlier is not None and earlier.exists() else PIPELINE
+
+
+def download_settings(pipeline: Path, perceptual_hash: bool | None) -> dict:
+    """What the download stage of ``pipeline`` computes beyond img2dataset's work, with this run's
+    ``--perceptual-hash``: the perceptual hash (and its full-size decode) and PDQ (the stage's defaults
+    where the YAML says nothing)."""
+    import yaml
+
+    stages = yaml.safe_load(pipeline.read_text()).get("stages") or []
+    stage = next((s for s in stages if s.get("stage") == "download"), {})
+    on = stage.get("perceptual_hash", True) if perceptual_hash is None else perceptual_hash
+    return {"pipeline": pipeline.name, "perceptual_hash": bool(on), "pdq": bool(stage.get("pdq", False))}
+
+
 def curate_sets(
-    url_list: Path, out: Path, hosts: list[str], max_per_host: int | None, executor: str = "local"
+    url_list: Path,
+    out: Path,
+    hosts: list[str],
+    max_per_host: int | None,
+    executor: str = "local",
+    perceptual_hash: bool | None = None,
 ) -> list[str]:
     allowed = ",".join(f'"{h}"' for h in hosts)
     sets = [
@@ -486,15 +515,17 @@ def curate_sets(
     ]
     if max_per_host is not None:
         sets.append(f"stages.download.max_per_host={max_per_host}")
+    if perceptual_hash is not None:
+        sets.append(f"stages.download.perceptual_hash={str(perceptual_hash).lower()}")
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def curate_problem(sets: list[str], env: dict[str, str]) -> str | None:
+def curate_problem(pipeline: Path, sets: list[str], env: dict[str, str]) -> str | None:
     """Why the curate side cannot run (``curate validate`` fails), or None."""
-    if not PIPELINE.exists():
-        return f"{PIPELINE.relative_to(REPO)} does not exist"
+    if not pipeline.exists():
+        return f"{pipeline} does not exist"
     done = subprocess.run(
-        [str(CURATE), "validate", str(PIPELINE), *sets], capture_output=True, text=True, env=env
+        [str(CURATE), "validate", str(pipeline), *sets], capture_output=True, text=True, env=env
     )
     if done.returncode == 0:
         return None
@@ -521,15 +552,19 @@ def run_curate(
     max_per_host: int | None,
     executor: str = "local",
     source: Path | None = None,
+    perceptual_hash: bool | None = None,
 ) -> Result | None:
-    sets = curate_sets(url_list, out, hosts, max_per_host, executor)
+    pipeline = curate_pipeline(source)
+    sets = curate_sets(url_list, out, hosts, max_per_host, executor, perceptual_hash)
     env = curate_env(source)
-    problem = curate_problem(sets, env)
+    problem = curate_problem(pipeline, sets, env)
     if problem:
         print(f"skipping {tool}: {problem}")
         return None
-    cmd = [str(CURATE), "run", str(PIPELINE), "--overwrite", "-q", *sets]
-    return measure(tool, cmd, out / "shards", out.with_suffix(".log"), total, env)
+    cmd = [str(CURATE), "run", str(pipeline), "--overwrite", "-q", *sets]
+    result = measure(tool, cmd, out / "shards", out.with_suffix(".log"), total, env)
+    result.download = download_settings(pipeline, perceptual_hash)
+    return result
 
 
 # ---------------------------------------------------------------- report
@@ -576,6 +611,19 @@ def print_report(
                 r.peak_connections_per_host,
             )
         )
+    for r in results.values():
+        if r.download is not None:
+            d = r.download
+            extra = [name for name in ("perceptual_hash", "pdq") if d[name]]
+            print(
+                f"{r.tool}: {d['pipeline']}, perceptual_hash {str(d['perceptual_hash']).lower()}, "
+                f"pdq {str(d['pdq']).lower()}: "
+                + (
+                    f"computes {' and '.join(extra)} too (img2dataset computes no perceptual hash)"
+                    if extra
+                    else "no perceptual hash, as img2dataset"
+                )
+            )
     for tool, r in ratio.items():
         print(
             f"\n{tool} / img2dataset: throughput {r['throughput']:.2f}x, "
@@ -610,7 +658,14 @@ def main() -> None:
     ap.add_argument(
         "--shard-size", type=int, default=SHARD_SIZE, help="rows a shard, both tools (default 1000)"
     )
+    ap.add_argument(
+        "--perceptual-hash",
+        choices=["true", "false"],
+        help="curate's download.perceptual_hash (default: as the pipeline says; download_only.yaml: false, "
+        "as img2dataset, which computes none)",
+    )
     args = ap.parse_args()
+    perceptual_hash = None if args.perceptual_hash is None else args.perceptual_hash == "true"
     SHARD_SIZE = args.shard_size
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
     if not executors or set(executors) - {"local", "ray"}:
@@ -647,6 +702,7 @@ def main() -> None:
                     args.max_per_host,
                     executor,
                     source,
+                    perceptual_hash,
                 )
                 if curate is not None:
                     curate.peak_connections_per_host = max(server.peaks().values())
@@ -680,6 +736,7 @@ def main() -> None:
                 "executors": executors,
                 "baseline": str(args.baseline) if args.baseline else None,
                 "curate_max_per_host": args.max_per_host,
+                "curate_download": {name: r.download for name, r in results.items() if r.download},
             },
             "images": stats,
             "results": {name: asdict(r) for name, r in results.items()},

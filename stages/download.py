@@ -140,6 +140,13 @@ class DownloadConfig(StrictModel):
     max_pixels: int = Field(50_000_000, gt=0, description="decompression bomb limit, checked before decoding")
     encode_format: Literal["jpg", "webp", "png", "original"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
+    perceptual_hash: bool = Field(
+        True,
+        description="write the pHash of the original image (phash, phash_mirror), which perceptual dedup, "
+        "decontamination and pHash blocklists compare; false: those columns stay null and a JPEG at least "
+        "twice the stored size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling; without pdq): "
+        "about 40% less CPU per image on 1-megapixel photos stored at 256 px (11 -> 6.7 ms)",
+    )
     pdq: bool = Field(
         False,
         description="also write Meta's PDQ hash of the original image (pdq, pdq_quality), for PDQ hash lists; "
@@ -261,6 +268,13 @@ class Download(Stage):
             "phash_mirror",
         )
         return always + (("pdq", "pdq_quality", "pdq_dihedral") if self.config.pdq else ())
+
+    @property
+    def leaves_null(self) -> dict[str, str]:
+        """Without ``perceptual_hash`` the pHash columns are written, null: a later stage that compares them
+        (perceptual dedup, decontamination, a pHash blocklist) is a config error."""
+        off = "perceptual_hash: false"
+        return {} if self.config.perceptual_hash else {"phash": off, "phash_mirror": off}
 
     def setup(self) -> None:
         c = self.config

@@ -86,6 +86,29 @@ def test_a_stage_reading_a_column_nobody_writes(tmp_path, base, cli):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dedup_that_compares_phashes_after_a_download_that_computes_none(tmp_path, base, cli):
+    base["stages"] = [
+        {"stage": "download", "perceptual_hash": False},
+        # perceptual dedup (on by default) compares phash; without verify_cosine it needs no embeddings
+        {"stage": "dedup", "semantic": False, "keep": ["width"], "perceptual": {"verify_cosine": None}},
+    ]
+    r = cli("run", write(tmp_path, base))
+    assert r.code == 2, r
+    assert (
+        "stages[1] (dedup): reads column 'phash', which stages[0] (download) leaves null on every row "
+        "(stages[0].perceptual_hash: false)"
+    ) in r.err
+    assert "'phash_mirror'" in r.err and "image_embedding" not in r.err and not (tmp_path / "out").exists()
+    base["stages"][1] |= {"perceptual": False, "decontaminate": {"path": "x"}}
+    r = cli("validate", write(tmp_path, base))
+    assert r.code == 2 and "stages[1] (dedup): reads column 'phash'" in r.err, r
+    del base["stages"][1]["decontaminate"]  # exact dedup alone compares sha256
+    assert cli("validate", write(tmp_path, base)).code == 0
+    base["stages"][0]["perceptual_hash"] = True
+    base["stages"][1]["perceptual"] = {"verify_cosine": None}
+    assert cli("validate", write(tmp_path, base)).code == 0
+
+
 def test_required_columns_are_checked_against_the_input(tmp_path, base, cli):
     base["stages"][0]["required_columns"] = ["similarity", "nope"]
     r = cli("validate", write(tmp_path, base))

@@ -96,6 +96,23 @@ def test_rows_not_downloaded_keep_their_status_and_get_nulls(server):
     assert all(row[c] is None for c in stage.writes[2:])
 
 
+def test_without_perceptual_hash_the_phash_columns_are_null(server):
+    paths = ["/ok.jpg", "/photo.png", "/rotated.jpg"]
+    on = download(server, paths, robots_txt=False)
+    off = download(server, paths, robots_txt=False, perceptual_hash=False)
+    assert Download(DownloadConfig(perceptual_hash=False)).writes == Download().writes  # null, not absent
+    for path in paths:
+        assert on[path]["phash"] and on[path]["phash_mirror"], path
+        assert off[path]["status"] == "ok" and off[path]["phash"] is off[path]["phash_mirror"] is None
+        same = ("width", "height", "orig_width", "orig_height", "sha256", "md5", "mime")
+        assert {c: off[path][c] for c in same} == {c: on[path][c] for c in same}, path
+    # Stored at 32 px, the 320x240 JPEG decodes at a reduced scale (tests/test_imaging.py); the PNG cannot.
+    assert off["/photo.png"]["image"] == on["/photo.png"]["image"]
+    assert off["/ok.jpg"]["image"] != on["/ok.jpg"]["image"]
+    assert Download(DownloadConfig(perceptual_hash=False)).leaves_null.keys() == {"phash", "phash_mirror"}
+    assert Download().leaves_null == {}
+
+
 def test_good_images_of_every_kind(server):
     rows = download(
         server,

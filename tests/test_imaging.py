@@ -4,10 +4,10 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from support.hostile import encode, png_claiming
 
-from curate.kit.imaging import ImageOptions, accept_header, process, sniff
+from curate.kit.imaging import ImageOptions, _transposed_box, accept_header, output_size, process, sniff
 
 
 def decoded(p) -> Image.Image:
@@ -162,3 +162,90 @@ def test_sniff_knows_avif_and_heif_by_their_ftyp_brands():
 
 def test_the_accept_header_lists_the_decoded_formats():
     assert accept_header(["jpeg", "heic"]) == "image/jpeg,image/heic,image/heif,*/*;q=0.1"
+
+
+def photo(w: int, h: int, seed: int = 0) -> bytes:
+    """A JPEG with structure at every scale (gradients, stripes, noise), as photos have."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(x / 7) % 256, (y / 5) % 256, 128 + 100 * np.sin((x + 2 * y) / 40)], -1)
+    rgb += np.random.default_rng(seed).normal(0, 8, rgb.shape)
+    return encode(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+
+
+def pixels(p) -> np.ndarray:
+    return np.asarray(decoded(p), dtype=np.float64)
+
+
+def test_without_perceptual_hash_there_is_no_phash():
+    jpg = photo(64, 48)
+    on, off = process(jpg, ImageOptions()), process(jpg, ImageOptions(perceptual_hash=False))
+    assert on.phash and on.phash_mirror and on.pdq is None
+    assert (off.phash, off.phash_mirror, off.pdq) == (None, None, None)
+    assert off.image == on.image and off.sha256 == on.sha256 and off.md5 == on.md5  # too small to reduce
+    kept = process(jpg, ImageOptions(resize_mode="no", encode_format="original", perceptual_hash=False))
+    assert kept.image == jpg and kept.phash is None
+
+
+def test_without_perceptual_hash_a_large_jpeg_is_decoded_at_a_reduced_scale():
+    jpg = photo(2048, 1536)
+    opt = ImageOptions(image_size=256, resize_mode="center_crop", perceptual_hash=False)
+    p = process(jpg, opt)
+    # By hand, Pillow's thumbnail rule: stored at 1/6 (a 341x256 image, cropped), decoded at 1/2 (1024x768,
+    # still twice 341x256 on each side; 1/4 would not be), the centred square resized from that.
+    img = Image.open(io.BytesIO(jpg))
+    assert img.draft(None, (683, 512)) == ("RGB", (0, 0, 1024, 768)) and img.size == (1024, 768)
+    by_hand = img.resize((256, 256), Image.Resampling.BOX, box=(128, 0, 896, 768))
+    assert p.image == encode(by_hand, "JPEG", quality=95)
+    assert (p.width, p.height, p.orig_width, p.orig_height) == (256, 256, 2048, 1536)
+    full = process(jpg, ImageOptions(image_size=256, resize_mode="center_crop"))
+    assert 0 < np.abs(pixels(p) - pixels(full)).mean() < 2
+
+
+def test_a_jpeg_less_than_twice_too_big_is_decoded_at_full_size():
+    jpg = photo(400, 300)
+    opt = ImageOptions(image_size=256, resize_mode="center_crop")
+    assert (
+        process(jpg, ImageOptions(**{**opt.__dict__, "perceptual_hash": False})).image
+        == process(jpg, opt).image
+    )
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+@pytest.mark.parametrize("size", [(2050, 1201), (1201, 2050), (997, 3001)])
+def test_a_reduced_decode_gives_the_size_and_nearly_the_pixels_of_a_full_one(mode, size):
+    jpg = photo(*size)
+    opt = ImageOptions(image_size=200, resize_mode=mode)
+    full, reduced = (
+        process(jpg, opt),
+        process(jpg, ImageOptions(**{**opt.__dict__, "perceptual_hash": False})),
+    )
+    assert reduced.image != full.image  # reduced: every case here is at least 2x too big
+    assert decoded(reduced).size == decoded(full).size == output_size(*size, opt)
+    assert np.abs(pixels(reduced) - pixels(full)).mean() < 2
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_reduced_decode_of_a_turned_jpeg_is_turned_too(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = Image.open(io.BytesIO(photo(1203, 801)))
+    jpg = encode(raw, "JPEG", quality=90, exif=exif)
+    opt = ImageOptions(image_size=128, resize_mode="keep_ratio_largest")
+    full, reduced = (
+        process(jpg, opt),
+        process(jpg, ImageOptions(**{**opt.__dict__, "perceptual_hash": False})),
+    )
+    assert decoded(reduced).size == decoded(full).size
+    assert np.abs(pixels(reduced) - pixels(full)).mean() < 2
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_box_turns_with_the_image(orientation):
+    size, box = (40, 30), (3, 5, 21, 12)
+    marked = np.zeros((size[1], size[0]), np.uint8)
+    marked[box[1] : box[3], box[0] : box[2]] = 255
+    img = Image.fromarray(marked)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.info["exif"] = exif.tobytes()
+    assert ImageOps.exif_transpose(img).getbbox() == _transposed_box(box, size, orientation)

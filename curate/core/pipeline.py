@@ -110,8 +110,9 @@ class Pipeline:
     # --- the check before any work ---------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Check the column flow: every column a stage reads is written by the input or an earlier stage,
-        and every column a stage writes is declared in the schema. Returns the columns at the end."""
+        """Check the column flow: every column a stage reads is written by the input or an earlier stage
+        (and not left null by it, as a download without ``perceptual_hash`` leaves ``phash``), and every
+        column a stage writes is declared in the schema. Returns the columns at the end."""
         problems: list[tuple[str, str]] = []
         if self.reader.carries_images and not any(b.stage.name == "download" for b in self.stages):
             problems.append(
@@ -122,10 +123,21 @@ class Pipeline:
                 )
             )
         available = self.reader.column_names()
+        nulls: dict[str, tuple[int, str]] = {}  # column -> (the stage that leaves it null, its setting)
         for i, bound in enumerate(self.stages):
             where = f"stages[{i}] ({bound.name})"
             for col in bound.stage.reads:
-                if col not in available:
+                if col in nulls:
+                    j, setting = nulls[col]
+                    problems.append(
+                        (
+                            where,
+                            f"reads column {col!r}, which stages[{j}] ({self.stages[j].name}) leaves null on "
+                            f"every row (stages[{j}].{setting}); change that setting, or what this stage "
+                            "asks for",
+                        )
+                    )
+                elif col not in available:
                     hint = COLUMNS[col].writer if col in COLUMNS else None
                     problems.append(
                         (
@@ -141,6 +153,9 @@ class Pipeline:
                     )
                 elif col not in available:
                     available.append(col)
+            for col in bound.stage.writes:
+                nulls.pop(col, None)
+            nulls |= {col: (i, setting) for col, setting in bound.stage.leaves_null.items()}
         key = "output.text_column" if self.writer.train_caption.mode == "column" else "output.train_caption"
         for text in self.writer.train_caption.required_columns():
             if text not in available:

@@ -114,6 +114,13 @@ class Stage:
         state.pop("_set_up", None)
         return state
 
+    @property
+    def leaves_null(self) -> dict[str, str]:
+        """The columns of ``writes`` that this configuration leaves null on every row, each with the setting
+        that does it (``{"phash": "perceptual_hash: false"}``): a later stage that reads one is a config error
+        (:meth:`curate.core.pipeline.Pipeline.check`)."""
+        return {}
+
     def memory(self, device: str, upstream: Sequence[Stage] = ()) -> MemoryNeed | None:
         """What one worker of this stage holds at its peak on ``device`` (``cpu`` or ``cuda``), estimated
         without loading weights (:mod:`curate.models.footprint`); None for a stage without a model.

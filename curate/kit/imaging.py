@@ -1,8 +1,10 @@
 """Decode, check, normalise, resize and re-encode downloaded images.
 
 The order matters for safety and speed: the format is checked from the magic bytes, the dimensions are read
-from the header and a decompression bomb is refused before any pixel is decoded; JPEGs are decoded at a
-reduced scale when the target is smaller (libjpeg's DCT scaling), which is most of the work saved.
+from the header and a decompression bomb is refused before any pixel is decoded. The pHash (and PDQ) are of
+the original at full size, so a JPEG is decoded at full size when they are asked for; without them
+(``perceptual_hash`` off, ``pdq`` off) a JPEG much larger than its stored size is decoded at 1/2, 1/4 or 1/8
+scale (libjpeg's DCT scaling, :func:`_draft`), most of the decoding work saved.
 
 AVIF is decoded by Pillow itself (11.3 and later); HEIC/HEIF by pillow-heif, whose opener is registered
 with Pillow the first time a HEIF file is seen (:func:`_heif_opener`), so that a run without one never
@@ -109,6 +111,7 @@ class ImageOptions:
     formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
     encode_format: EncodeFormat = "jpg"
     encode_quality: int = 95
+    perceptual_hash: bool = True
     pdq: bool = False
 
 
@@ -136,7 +139,8 @@ def process(data: bytes, opt: ImageOptions) -> Processed:
 
     The hashes are of the original: sha256 and md5 of the bytes; pHash (and PDQ) of the image as decoded,
     before EXIF rotation, resize or borders, so that they equal what imagehash (and Meta's PDQ) compute
-    from the same file and match the hash lists published with those tools."""
+    from the same file and match the hash lists published with those tools. Without ``perceptual_hash``
+    (and ``pdq``) they are None and a large JPEG may be decoded at a reduced scale (:func:`_draft`)."""
     digest = hashlib.sha256(data).hexdigest()
     md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
     result = _process(data, opt, digest)
@@ -201,15 +205,18 @@ def _process(data: bytes, opt: ImageOptions, digest: str) -> Processed:
                     f"{ow}x{oh} would be stored as {out_w}x{out_h}: {why}",
                 )
                 return base
-            # Decoded at full size (no libjpeg DCT scaling): the pHash of the original must be the bits
-            # imagehash gives, and a reduced decode moves some of them.
+            # With a hash of the original asked for, decoded at full size (no libjpeg DCT scaling): the
+            # pHash must be the bits imagehash gives, and a reduced decode moves some of them.
             img.seek(0)  # first frame of an animation
+            covers = _draft(img, opt)  # the part of a reduced decode that is the whole original, or None
             _load(img)
             _hash_original(img, base, opt)
             if orientation in _TRANSPOSED:  # else exif_transpose only copies the full-size pixels
+                if covers is not None:
+                    covers = _transposed_box(covers, img.size, orientation)
                 img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
-            img = resize(img, opt)
+            img = resize(img, opt, None if covers is None else ((ow, oh), covers))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return Processed("too_many_pixels", str(e), sha256=digest, mime=mime)
     except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as e:
@@ -220,11 +227,55 @@ def _process(data: bytes, opt: ImageOptions, digest: str) -> Processed:
 
 
 def _hash_original(img: Image.Image, out: Processed, opt: ImageOptions) -> None:
-    """pHash and its mirror (and PDQ with its quality) of the decoded original, as stored in the file."""
-    out.phash, out.phash_mirror = phashes(img)
+    """pHash and its mirror (and PDQ with its quality) of the decoded original, as stored in the file; each
+    only when asked for."""
+    if opt.perceptual_hash:
+        out.phash, out.phash_mirror = phashes(img)
     if opt.pdq:
         hashes, out.pdq_quality = pdq_dihedral(img)
         out.pdq, out.pdq_dihedral = hashes[0], hashes[1:]
+
+
+_DRAFT_GAP = 2.0  # Pillow's thumbnail() default reducing_gap: the reduced decode keeps twice what is stored
+
+
+def _draft(img: Image.Image, opt: ImageOptions) -> tuple[float, float, float, float] | None:
+    """Ask libjpeg to decode ``img`` (not loaded yet) at 1/2, 1/4 or 1/8 scale, by Pillow's ``thumbnail``
+    rule (``reducing_gap=2.0``): only as far as the decoded image stays at least twice the size the resize
+    scales it to, on each side (the shorter side for keep_ratio and center_crop, the longer for
+    keep_ratio_largest and border, through :func:`_scale`). Returns the box of the reduced image that covers
+    the whole original (its last row and column may be partial), or None when it is decoded at full size:
+    a hash of the original is asked for, it is no JPEG, there is no shrinking resize, or it is less than
+    twice too big. Never reached with ``encode_format: original``."""
+    if opt.perceptual_hash or opt.pdq or img.format != "JPEG":
+        return None
+    w, h = img.size  # as stored; the scale is the same for the displayed (turned) image
+    scale = _scale(w, h, opt)
+    if scale >= 1.0:
+        return None
+    need = (max(1, round(w * _DRAFT_GAP * scale)), max(1, round(h * _DRAFT_GAP * scale)))
+    if min(w // need[0], h // need[1]) < 2:  # libjpeg would decode it at full size anyway
+        return None
+    drafted = img.draft(None, need)
+    return None if drafted is None else drafted[1]
+
+
+def _transposed_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], orientation: int
+) -> tuple[float, float, float, float]:
+    """``box`` of an image of ``size`` (as stored) in the image turned as EXIF ``orientation`` says (as
+    ImageOps.exif_transpose turns it)."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    return {
+        2: (w - x1, y0, w - x0, y1),  # mirrored left to right
+        3: (w - x1, h - y1, w - x0, h - y0),  # turned 180
+        4: (x0, h - y1, x1, h - y0),  # mirrored top to bottom
+        5: (y0, x0, y1, x1),  # transposed
+        6: (h - y1, x0, h - y0, x1),  # turned 90 clockwise
+        7: (h - y1, w - x1, h - y0, w - x0),  # transversed
+        8: (y0, w - x1, y1, w - x0),  # turned 90 counter-clockwise
+    }.get(orientation, box)
 
 
 def _load(img: Image.Image) -> None:
@@ -287,22 +338,38 @@ def _filter(resample: Resample, scale: float) -> tuple[Image.Resampling, float |
     return Image.Resampling.LANCZOS, 3.0
 
 
-def resize(img: Image.Image, opt: ImageOptions) -> Image.Image:
-    w, h = img.size
+def resize(
+    img: Image.Image,
+    opt: ImageOptions,
+    reduced: tuple[tuple[int, int], tuple[float, float, float, float]] | None = None,
+) -> Image.Image:
+    """``img`` resized as ``opt`` says. ``reduced``: ``img`` is a reduced decode (:func:`_draft`) of an
+    image of that size, which the given box of ``img`` covers; sizes are computed from the original's, so
+    the result has the size :func:`output_size` gives, and the pixels are taken from the box."""
+    w, h = img.size if reduced is None else reduced[0]
     scale = _scale(w, h, opt)
     resample, gap = _filter(opt.resample, scale)
+
+    def source(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if reduced is None:
+            return box
+        x0, y0, x1, y1 = reduced[1]
+        sx, sy = (x1 - x0) / w, (y1 - y0) / h
+        return (x0 + box[0] * sx, y0 + box[1] * sy, x0 + box[2] * sx, y0 + box[3] * sy)
+
     if opt.resize_mode == "center_crop":
         # Resize only the centred square that survives the crop: no work on pixels that are thrown away.
         side = opt.image_size / scale
         cw, ch = min(w, side), min(h, side)
-        if scale == 1.0 and (cw, ch) == (w, h):
+        if scale == 1.0 and (cw, ch) == (w, h) and reduced is None:
             return img
         box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
         size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
-        return img.resize(size, resample, box=box, reducing_gap=gap)
-    if scale != 1.0:
+        return img.resize(size, resample, box=source(box), reducing_gap=gap)
+    if scale != 1.0 or reduced is not None:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = img.resize(size, resample, reducing_gap=gap)
+        whole = None if reduced is None else source((0, 0, w, h))
+        img = img.resize(size, resample, box=whole, reducing_gap=gap)
     if opt.resize_mode == "border":
         s = opt.image_size
         w, h = img.size
