@@ -9,7 +9,8 @@ Not part of the test run: each seed costs one demo training pair (about 6 minute
 
     .venv/bin/python benchmarks/demo_seeds.py demo-output --seeds 1 2 [--prompts 128] [--json seeds.json]
 
-Seed 0 is the training config's own seed: the demo's pair (``train/comparison.json``) is read, not trained again.
+Seed 0 is the training config's own seed: the demo's pair (``train/comparison.json``) is read, not trained again,
+when it has as many prompts.
 """
 
 from __future__ import annotations
@@ -22,21 +23,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from curate.demo.train_compare import BOOTSTRAP_RESAMPLES, train_pair
-
-
-def two_level_interval(diffs: list[np.ndarray], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Resample seeds, then prompts within each drawn seed: the interval of the mean difference."""
-    rng = np.random.default_rng(seed)
-    means = np.empty(BOOTSTRAP_RESAMPLES)
-    for i in range(BOOTSTRAP_RESAMPLES):
-        drawn = rng.integers(0, len(diffs), size=len(diffs))
-        means[i] = np.mean(
-            [diffs[s][rng.integers(0, len(diffs[s]), size=len(diffs[s]))].mean() for s in drawn]
-        )
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+from curate.demo.train_compare import EVAL_PROMPTS, train_pair, two_level_interval
 
 
 def main() -> int:
@@ -45,7 +32,12 @@ def main() -> int:
         "demo_output", type=Path, help="a folder `curate demo --output` wrote (run/, raw/, models/)"
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--prompts", type=int, default=128, help="held-out prompts per model (the demo's: 128)")
+    ap.add_argument(
+        "--prompts",
+        type=int,
+        default=EVAL_PROMPTS,
+        help=f"held-out prompts per model (the demo's: {EVAL_PROMPTS})",
+    )
     ap.add_argument("--json", type=Path, help="write every seed's report here")
     args = ap.parse_args()
     out = args.demo_output
@@ -55,10 +47,11 @@ def main() -> int:
     work = out / "seeds"
     reports, diffs = {}, []
     demo = out / "train" / "comparison.json"  # the demo's own pair: the training config's seed, 0
-    if 0 not in args.seeds and demo.exists():
+    reuse = demo.exists() and json.loads(demo.read_text())["prompts"] == args.prompts
+    if 0 not in args.seeds and reuse:
         args.seeds = [0, *args.seeds]
     for seed in args.seeds:
-        if seed == 0 and demo.exists():
+        if seed == 0 and reuse:
             report = json.loads(demo.read_text())
         else:
             report = train_pair(

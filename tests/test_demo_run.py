@@ -129,3 +129,19 @@ def test_the_comparison_interval_is_a_seeded_paired_bootstrap():
     assert ci["n"] == 128 and ci["low"] < ci["diff"] < ci["high"]
     assert abs(ci["diff"] - 0.1) < 0.02 and ci["high"] - ci["low"] < 0.03
     assert paired_interval(curated, raw) == paired_interval(curated, raw)  # seeded: the same every time
+
+
+def test_the_interval_over_seeds_resamples_seeds_as_well_as_prompts():
+    from curate.demo.train_compare import paired_interval, two_level_interval
+
+    rng = np.random.default_rng(2)
+    same = [np.full(64, 0.1), np.full(64, 0.1)]
+    assert np.allclose(two_level_interval(same), (0.1, 0.1))
+    # Three seeds whose prompts agree within each seed but whose means differ: the prompt interval of any one
+    # seed is narrow, the interval over seeds spans their means.
+    diffs = [m + rng.normal(0, 0.01, 128) for m in (0.05, 0.10, 0.15)]
+    low, high = two_level_interval(diffs)
+    one = paired_interval(list(diffs[1]), [0.0] * 128)
+    assert one["high"] - one["low"] < 0.01
+    assert low < 0.07 and high > 0.13 and low < float(np.mean([d.mean() for d in diffs])) < high
+    assert two_level_interval(diffs) == (low, high)  # seeded

@@ -18,16 +18,26 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["eval_prompts", "raw_run", "train_demo_config", "train_pair"]
+__all__ = [
+    "eval_prompts",
+    "paired_interval",
+    "raw_run",
+    "train_demo_config",
+    "train_pair",
+    "two_level_interval",
+]
 
 EVAL_SEED = 7_777  # scenes for evaluation prompts; the world's rows use seeds (world seed, 1, row)
+# Held-out prompts per model. 256 rather than 128: with one training seed, the prompts set the interval's
+# width (it narrows as 1/sqrt(n); benchmarks/demo_prompts.py), and 128 more cost about 40 s of the demo.
+EVAL_PROMPTS = 256
 
 
 def train_demo_config() -> Path:
     return Path(str(files("curate.pipelines") / "train_demo.yaml"))
 
 
-def eval_prompts(n: int = 128, seed: int = EVAL_SEED) -> list[str]:
+def eval_prompts(n: int = EVAL_PROMPTS, seed: int = EVAL_SEED) -> list[str]:
     """``n`` distinct captions of fresh scenes of the world (deterministic)."""
     from curate.demo.world import _random_scene
 
@@ -58,6 +68,8 @@ def raw_run(out: Path, input_path: Path, server_host_port: str, console) -> Path
             "output.report=false",
             "stages.download.concurrency=16",
             "stages.download.total_timeout=10",
+            # Decoded at full size as the curated run decodes (its dedup needs the pHash): the same pixels.
+            "stages.download.perceptual_hash=true",
             f"stages.download.allow_private=[{server_host_port}]",
         ],
     )
@@ -113,6 +125,21 @@ def paired_interval(a: list[float | None], b: list[float | None], level: float =
     }
 
 
+def two_level_interval(diffs: list[np.ndarray], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Over several training seeds: resample seeds, then prompts within each drawn seed; the interval of the
+    mean difference (``diffs``: per seed, the per-prompt differences)."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(BOOTSTRAP_RESAMPLES)
+    for i in range(BOOTSTRAP_RESAMPLES):
+        drawn = rng.integers(0, len(diffs), size=len(diffs))
+        means[i] = np.mean(
+            [diffs[s][rng.integers(0, len(diffs[s]), size=len(diffs[s]))].mean() for s in drawn]
+        )
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def train_pair(
     out: Path,
     curated: Path,
@@ -120,7 +147,7 @@ def train_pair(
     console,
     steps: int | None = None,
     overrides: list[str] | None = None,
-    prompts: int = 128,
+    prompts: int = EVAL_PROMPTS,
 ) -> dict[str, Any]:
     """Train on curated and on raw shards in two processes; returns both models' validation metrics."""
     prompts_ = eval_prompts(prompts)
