@@ -2,10 +2,13 @@
 output opens in the readers users train with."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import webdataset as wds
 from conftest import shard_files, sidecars, write_pipeline
+from raycluster import cluster_env
 from support.data import make_input
 
 from curate.core.config import load_config
@@ -152,6 +155,31 @@ def test_a_fit_that_uses_gpus_runs_as_a_ray_task_where_the_gpus_are(tmp_path, ra
     assert fit_options(dedup, without) is None  # FAISS on the driver's CPUs
     assert fit_options(BoundStage("d", _dedup(semantic=False), bound.resources), with_gpus) is None
     assert fit_options(bound, with_gpus) is None  # a fit without GPUs stays in the driver
+
+
+def test_a_curate_folder_in_the_working_directory_does_not_shadow_curate_in_ray_workers(tmp_path):
+    """Ray puts the driver's working directory first on its workers' ``sys.path``. A folder named ``curate``
+    there (an output folder, a checkout) must not be what the workers import as ``curate``. This one fails
+    loudly when imported, so that the test does not depend on how curate is installed (an empty folder
+    shadows an editable install only). The driver starts its own local cluster from that directory."""
+    shadow = tmp_path / "curate"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the folder curate/, not the package')\n")
+    make_input(tmp_path / "in.parquet", 40)
+    stages = [{"stage": "basic_filter", "min_caption_length": 3}]
+    executor = {"kind": "ray", "num_cpus": 1, "max_shard_retries": 0}
+    write_pipeline(tmp_path / "p.yaml", "in.parquet", "out", stages, shard_size=20, executor=executor)
+    # -P: the driver imports the installed curate, as the `curate` command does (no working directory first).
+    command = [sys.executable, "-P", "-m", "curate", "run", "p.yaml", "-q"]
+    r = subprocess.run(command, cwd=tmp_path, env=cluster_env(), capture_output=True, text=True, timeout=300)
+    failed = [
+        json.loads(p.read_text())["error"][-300:] for p in (tmp_path / "out" / "shards").glob("*_failed.json")
+    ]
+    assert r.returncode == 0 and not failed, r.stderr[-2000:] + "\n".join(failed)
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").glob("*_stats.json")) == [
+        "00000_stats.json",
+        "00001_stats.json",
+    ]
 
 
 def _dedup(semantic: bool):

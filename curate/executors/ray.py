@@ -10,7 +10,9 @@ model stage's ``setup()`` runs once per actor. An exception in a stage is caught
 the row's error, so one bad shard never aborts the phase; failed shards are retried in a new round, then
 reported. Each shard's stats file names the Ray node that wrote it (``node``).
 
-``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked);
+``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked; its workers import
+curate as they start, so that a folder named ``curate`` in the working directory is never what they import:
+``WORKER_PRELOAD``);
 ``executor.address`` or ``RAY_ADDRESS`` joins an existing one, after a quick check that it answers and, when
 it wants Ray's authentication token, that this process will send the right one (``check_token``: otherwise exit
 2 saying what to set, rather than ray.init's retries). A cluster that is already initialised in this process
@@ -316,6 +318,28 @@ def check_token(address: str) -> None:
         )
 
 
+# What the workers of a local cluster that curate starts import as they start, before any task (Ray's
+# `preload_python_modules`). Ray puts the driver's working directory (and its script's folder) first on a
+# worker's sys.path when the worker takes its first task of the job; a folder named `curate` there (an output
+# folder, a checkout) would then be the `curate` the worker imports: an empty one shadows an editable install,
+# one with an __init__.py any install. Imported at the worker's start, `curate` is the installed package, and
+# its modules come from it (its __path__, not sys.path). Only the package itself (a few ms): preloading the
+# executor's modules too (pyarrow, the stages) made the first shard start later on 2 CPUs, every prestarted
+# worker importing them at once (benchmarks/ray_startup.py). A cluster that curate joins keeps its settings.
+WORKER_PRELOAD = ("curate",)
+
+
+def _starts_a_cluster() -> bool:
+    """Whether ray.init() without an address starts a local cluster, rather than joining the one that `ray
+    start` left on this machine (its system config is that cluster's)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # Ray moved it: go without the preload
+        return False
+
+
 class RayExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
@@ -363,6 +387,8 @@ class RayExecutor:
             }
             if address is None:
                 kwargs.update(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus)
+                if _starts_a_cluster():
+                    kwargs["_system_config"] = {"preload_python_modules": list(WORKER_PRELOAD)}
             if storage_env():
                 kwargs["runtime_env"] = {"env_vars": storage_env()}
             with _stderr_kept_on_error():  # ray.init announces the log level it read, on fd 2
