@@ -309,15 +309,30 @@ def test_generate_writes_images_of_the_trained_size(run, tmp_path, cli):
     assert r.code == 2 and "trained without retrieval" in r.err
 
 
-def test_retrieval_augmented_training_and_generation(run, tmp_path, cli):
-    cfg = _config(
-        run,
-        tmp_path / "rag",
-        **{"model.retrieval": {"index": str(run["index"]), "k": 3}, "optim.rag_dropout": 0.3},
-    )
+def test_retrieval_augmented_training_and_generation(run, tmp_path, cli, monkeypatch):
+    """The tiny random CLIP gives every image nearly the same embedding, so the default exclude_similarity
+    (0.97) would skip every neighbour as a copy and train on none (zeros); at 1.01 only the image itself and
+    its recorded duplicates are skipped, and the model trains on real neighbours."""
+    from curate.train.retrieval import NeighbourTable
+
+    conditioned: list = []
+    collate = NeighbourTable.collate
+
+    def recording(self, values):
+        batch = collate(self, values)
+        conditioned.append(batch["neighbours"])
+        return batch
+
+    monkeypatch.setattr(NeighbourTable, "collate", recording)
+    retrieval = {"index": str(run["index"]), "k": 3, "exclude_similarity": 1.01}
+    cfg = _config(run, tmp_path / "rag", **{"model.retrieval": retrieval, "optim.rag_dropout": 0.3})
     lines: list[str] = []
     train(cfg, say=lines.append, progress=False)
-    assert any("3 neighbours for each of" in line for line in lines)
+    assert any("3 neighbours for each of" in line and "(0 had fewer than 3" in line for line in lines), lines
+    assert len(conditioned) >= 4  # one batch per step
+    for batch in conditioned:  # every sample of every batch conditioned on k real (unit-length) embeddings
+        assert batch.shape[1:] == (3, 32)
+        assert (batch.float().norm(dim=-1) > 0.9).all()
     state = json.loads((tmp_path / "rag/checkpoints/step-00000004/state.json").read_text())
     assert state["clip_dim"] == 32
     weights = load_file(tmp_path / "rag/checkpoints/step-00000004/model.safetensors")

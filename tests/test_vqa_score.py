@@ -1,10 +1,12 @@
-"""vqa_score with the tiny random VLMs of the recaption tests (LLaVA, Qwen2-VL, BLIP-2), saved and loaded
-through from_pretrained. The score is checked against the softmax of the model's own logits at the last
-prompt position, computed here by calling the model directly, one pair at a time."""
+"""vqa_score with the tiny random VLMs of the recaption tests (LLaVA, Qwen2-VL, BLIP-2) and a tiny random
+InstructBLIP built here from its config, saved and loaded through from_pretrained. The score is checked
+against the softmax of the model's own logits at the last prompt position, computed here by calling the model
+directly, one pair at a time."""
 
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -37,10 +39,63 @@ def tiny(tmp_path_factory):
 
     def get(family: str):
         if family not in built:
-            built[family] = make_tiny_vlm(family, root / family, tokenizer=tokenizer)
+            make = _tiny_instructblip if family == "instructblip" else partial(make_tiny_vlm, family)
+            built[family] = make(root / family, tokenizer=tokenizer)
         return built[family]
 
     return get
+
+
+def _tiny_instructblip(folder, tokenizer):
+    """InstructBLIP (``InstructBlipForConditionalGeneration``) built from its config as the demo's tiny BLIP-2
+    is (curate.demo.tiny_captioners.make_tiny_blip2): a ViT, a Q-Former that also reads the instruction (its own
+    tokenizer: a copy of the same one), 4 query tokens, an OPT decoder."""
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
+
+    from curate.demo.tiny_captioners import _INIT, IMAGE, _ids, _own, _save, _seeded
+
+    tok = _own(tokenizer)
+    queries = 4
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "initializer_range": _INIT}
+    config = InstructBlipConfig(
+        vision_config={**small, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        qformer_config={
+            **small,
+            "vocab_size": len(tok),
+            "intermediate_size": 64,
+            "encoder_hidden_size": 32,
+            "pad_token_id": tok.pad_token_id,
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 256,
+            "init_std": _INIT,
+            **_ids(tok),
+        },
+        num_query_tokens=queries,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE),
+        initializer_range=_INIT,
+    )
+    _seeded(0)
+    model = InstructBlipForConditionalGeneration(config)
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        qformer_tokenizer=_own(tokenizer),
+        num_query_tokens=queries,
+    )
+    return _save(folder, model, processor)
 
 
 def _image(i: int, size: tuple[int, int] | None = None) -> bytes:
@@ -86,7 +141,7 @@ def _by_hand(folder, prompts: list[str], images: list[bytes]) -> tuple[np.ndarra
     return np.array(out), yes
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "blip2"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "blip2", "instructblip"])
 def test_score_is_the_softmax_of_the_models_own_logits_at_yes(tiny, family):
     folder = tiny(family)
     stage = _stage(folder, batch_size=3)
@@ -95,6 +150,8 @@ def test_score_is_the_softmax_of_the_models_own_logits_at_yes(tiny, family):
         assert (
             prompts[0] == 'Question: Does this figure show "a red circle"? Please answer yes or no. Answer:'
         )
+    elif family == "instructblip":  # the instruction as it is, to the decoder and to the Q-Former
+        assert prompts[0] == 'Does this figure show "a red circle"? Please answer yes or no.'
     elif family == "qwen2_vl":
         assert prompts[0] == (
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"

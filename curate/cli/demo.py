@@ -28,11 +28,19 @@ def demo(
             help="Steps of the curated-vs-raw training comparison (0 skips it; default: the config's)."
         ),
     ] = None,
+    rag: Annotated[
+        bool,
+        typer.Option(
+            "--rag",
+            help="Also train with and without retrieval on a world with a rare concept and compare them "
+            "(benchmarks/RESULTS.md's settings: several minutes more).",
+        ),
+    ] = False,
 ) -> None:
     """Build the offline sample world, serve it on 127.0.0.1 and run pipelines/demo.yaml against it."""
     from curate.demo.run import run_demo
 
-    summary, truth = run_demo(output, size, executor, err, clip=clip, train_steps=train_steps)
+    summary, truth = run_demo(output, size, executor, err, clip=clip, train_steps=train_steps, rag=rag)
     out.print(f"shards: {output}/run/shards  (WebDataset tars, parquet sidecars, stats)")
     out.print(f"summary: curate status {output}/run   ground truth: {output}/world/truth.parquet")
     out.print(
@@ -93,5 +101,22 @@ def _look_at(output: str, report: dict) -> str:
         )
     elif training is None:
         rows.append(("curated vs raw", "not trained (--train-steps 0)"))
+    rag = report.get("rag")
+    if rag:
+        arms = rag["settings"]["arms"]
+        diffs = []
+        for kind in ("rare", "common"):
+            iv = rag["results"][arms[-1]][kind].get(f"vs_{arms[0]}")
+            if iv:
+                diffs.append(
+                    f"{kind} prompts {iv['diff']:+.3f} ({iv['level']:.0%} interval "
+                    f"{iv['low']:+.3f} to {iv['high']:+.3f}, {iv['n']} prompts)"
+                )
+        rows.append(
+            (
+                f"{arms[-1]} vs {arms[0]}",
+                f"adherence {'; '.join(diffs)}; table above, all numbers in {output}/rag/rag_compare.json",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     return "\n".join(["what to look at:", *(f"  {name:<{width}}  {value}" for name, value in rows)])

@@ -154,9 +154,12 @@ def run_demo(
     console: Console,
     clip: str | None = None,
     train_steps: int | None = None,
+    rag: bool = False,
 ) -> tuple[RunSummary, dict]:
     """Build, serve and curate the world; ``clip`` is a trained CLIP folder to use instead of the demo's.
-    ``train_steps`` (0 skips it; None: the config's) trains on the curated and on the raw shards and compares."""
+    ``train_steps`` (0 skips it; None: the config's) trains on the curated and on the raw shards and compares.
+    ``rag`` also compares retrieval with none on a world with a rare concept (:mod:`curate.demo.rag_compare`,
+    its own corpus under ``output/rag``)."""
     from curate.demo.tiny_clip import CALIBRATION_FILE
 
     out = Path(output)
@@ -216,6 +219,13 @@ def run_demo(
 
         report["training"] = train_pair(out, out / "run", raw, console, steps=train_steps)
         print_comparison(report["training"], console)
+    if rag:
+        from curate.demo import rag_compare
+
+        say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+        report["rag"] = rag_compare.compare_rag(out / "rag", rag_compare.DEMO_RAG, clip=clip_folder, say=say)
+        for line in rag_compare.table_lines(report["rag"]):
+            say(line)
     return summary, report
 
 
