@@ -504,3 +504,48 @@ def test_stand_ins_of_imagereward_and_hps_load_and_score(tmp_path, monkeypatch, 
         out = bound.stage(table)
         assert out["reward_model"].to_pylist()[:N_GOOD] == [f"{label} (stand-in)"] * N_GOOD
         assert all(np.isfinite(out["reward_score"].to_pylist()[:N_GOOD]))
+
+
+def test_a_stand_in_of_pickscore_loads_through_its_real_code_and_tokenizes_as_clip(tmp_path, monkeypatch):
+    """PickScore's model and its processor's repository (LAION's ViT-H/14) are written from their published
+    configs with CLIP's real tokenizer; shrunk here (the real stand-in is ViT-H/14, 0.99 B parameters)."""
+    from conftest import write_pipeline
+    from support.data import make_input
+    from transformers import AutoProcessor
+
+    from curate.core.config import load_config
+    from curate.core.pipeline import Pipeline
+    from curate.models.reward import PICKSCORE, PICKSCORE_PROCESSOR
+    from curate.models.stand_in import published_config, write_stand_ins
+
+    published = published_config(PICKSCORE)
+    assert published["vision_config"]["num_hidden_layers"] == 32 and published["projection_dim"] == 1024
+    monkeypatch.setenv("CURATE_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("CURATE_OFFLINE", "1")
+    stages = [{"stage": "synthetic_image"}, {"stage": "reward", "family": "pickscore", "device": "cpu"}]
+    path = write_pipeline(
+        tmp_path / "p.yaml", make_input(tmp_path / "in.parquet", 2), tmp_path / "out", stages
+    )
+    pipeline = Pipeline(load_config(str(path)))
+    small = {
+        "projection_dim": 16,
+        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                        "num_hidden_layers": 1, "projection_dim": 16},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                          "num_hidden_layers": 1, "patch_size": 32, "projection_dim": 16},
+    }  # fmt: skip
+    results = write_stand_ins(pipeline, overrides={PICKSCORE: small, PICKSCORE_PROCESSOR: small})
+    assert [(r.model, r.action) for r in results] == [
+        (f"PickScore model {PICKSCORE}", "written"),
+        (f"PickScore processor {PICKSCORE_PROCESSOR}", "written"),
+    ]
+    assert results[0].architecture.startswith("CLIPModel")
+    processor = AutoProcessor.from_pretrained(results[1].path)
+    # OpenAI's CLIP ids: <|startoftext|> a photo of a cat <|endoftext|>
+    assert processor.tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert processor.image_processor.crop_size["height"] == 224
+    bound = pipeline.stages[1]
+    bound.stage.ensure_setup()
+    out = bound.stage(_mixed_shard())
+    assert out["reward_model"].to_pylist()[:N_GOOD] == [f"pickscore/{PICKSCORE} (stand-in)"] * N_GOOD
+    assert all(np.isfinite(out["reward_score"].to_pylist()[:N_GOOD]))

@@ -19,7 +19,9 @@ No tokenizer files can be downloaded either, so a byte-level BPE tokenizer is sy
 vocabulary size and the real special tokens at their real ids. Its regular tokens are generated, not
 learned: the 256 byte symbols, then byte pairs, then triples, letters and spaces first. English text takes
 about twice as many tokens with it as with a learned vocabulary (2.2 characters a token on the default
-fusion prompt): prompts cost more than the real model's, never less.
+fusion prompt): prompts cost more than the real model's, never less. A transformers CLIP (PickScore and the
+LAION CLIP whose processor it uses) gets CLIP's real tokenizer instead, built from the vocabulary open_clip's
+wheel ships (:func:`clip_bpe`).
 
 Every stand-in is marked (:func:`~curate.models.weights.stand_in_marker`: ``<file>.stand-in.json`` beside a
 file, ``STAND_IN.json`` inside a folder) with what it is, its architecture, parameter count, and when and by
@@ -380,10 +382,15 @@ def _transformers_repo(
             shutil.copyfile(f, tmp / f.name)
     _write_json(tmp / "config.json", config)
     tokenizer_config = json.loads((tmp / "tokenizer_config.json").read_text())
-    write_tokenizer(tmp, tokenizer_config, int(config.get("vocab_size") or _text(config)["vocab_size"]))
+    clip = config.get("model_type") == "clip"
+    if clip:  # CLIP's real vocabulary is here, in open_clip's wheel: no need to synthesise one
+        write_clip_tokenizer(tmp, tokenizer_config)
+    else:
+        write_tokenizer(tmp, tokenizer_config, int(config.get("vocab_size") or _text(config)["vocab_size"]))
     model = _random_model(tmp)
     try:
-        _write_visible_text(model, tmp)
+        if not clip:  # a contrastive model generates no text
+            _write_visible_text(model, tmp)
         parameters = _count(model)
         from curate.models.vlm import quiet_progress
 
@@ -419,7 +426,8 @@ def _describe(config: Mapping[str, Any]) -> str:
     parts = [f"{text.get('num_hidden_layers')} layers", f"hidden {text.get('hidden_size')}"]
     vision = config.get("vision_config")
     if vision:
-        parts.append(f"vision depth {vision.get('depth')}, width {vision.get('embed_dim')}")
+        depth = vision.get("depth", vision.get("num_hidden_layers"))
+        parts.append(f"vision depth {depth}, width {vision.get('embed_dim', vision.get('hidden_size'))}")
     return ", ".join(parts)
 
 
@@ -436,7 +444,10 @@ def _random_model(folder: Path):
     from curate.models.vlm import dtype_kwargs, quiet_progress
 
     config = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    if config.model_type == "clip":  # a transformers CLIP (PickScore, LAION's CLIPs): CLIPModel
+        from transformers import AutoModel as auto
+    else:
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     with torch.random.fork_rng(), quiet_progress():
         torch.manual_seed(_SEED)
         return auto.from_config(config, **dtype_kwargs(torch.bfloat16)).eval()
@@ -604,12 +615,22 @@ def clip_bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def clip_tokenizer():
+def clip_tokenizer(**kwargs):
     """transformers' ``CLIPTokenizer`` with CLIP's real vocabulary (:func:`clip_bpe`), without a download."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **kwargs)
+
+
+def write_clip_tokenizer(folder: Path, tokenizer_config: Mapping[str, Any]) -> None:
+    """CLIP's real tokenizer files in ``folder`` (``vocab.json``, ``merges.txt``, ``tokenizer.json``), with the
+    published ``tokenizer_config.json`` kept as it is."""
+    keys = ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
+    clip_tokenizer(**{k: tokenizer_config[k] for k in keys if k in tokenizer_config}).save_pretrained(folder)
+    for extra in ("special_tokens_map.json", "chat_template.jinja"):
+        (folder / extra).unlink(missing_ok=True)
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
 
 
 @functools.cache
