@@ -219,7 +219,7 @@ def test_hostile_captions(harness, data):
         bytes([2, 0]) + b'{"url": {"a": 1}, "caption": "x"}\n',
         bytes([2, 0]) + b'{"url": "http://a.org/1", "caption": [1, 2]}\n',
         bytes([3, 0]) + b"PAR1" + b"\x00" * 32 + b"PAR1",
-        bytes([4, 0]) + gzip.compress(b"url,caption\nhttp://a.org/1,x\n")[:-12],  # a truncated gzip
+        bytes([4, 0]) + gzip.compress(b"url,caption\nhttp://a.org/1,x\n", mtime=0)[:-12],  # a truncated gzip
         bytes([5, 0]) + b"\x1f\x8b\x08\x00" + b"\x00" * 20,
     ],
 )
@@ -279,7 +279,7 @@ def test_finding_5_a_corrupt_or_truncated_gzip_input_is_an_input_error(tmp_path,
     from curate.core.config import InputConfig
     from curate.core.reader import InputReader
 
-    data = gzip.compress(b"url,caption\n" + b"http://a.org/1,x\n" * 200)
+    data = gzip.compress(b"url,caption\n" + b"http://a.org/1,x\n" * 200, mtime=0)
     bad = data[: len(data) // 2] + cut  # truncated (EOFError), or corrupt in the middle (zlib.error)
     path = tmp_path / "in.csv.gz"
     path.write_bytes(bad)
