@@ -57,7 +57,7 @@ def _tiny_instructblip(folder, tokenizer):
         InstructBlipProcessor,
     )
 
-    from curate.demo.tiny_captioners import _INIT, IMAGE, _ids, _own, _save, _seeded
+    from curate.demo.tiny_captioners import _INIT, IMAGE, _own, _save, _seeded, tiny_opt_config
 
     tok = _own(tokenizer)
     queries = 4
@@ -71,18 +71,7 @@ def _tiny_instructblip(folder, tokenizer):
             "encoder_hidden_size": 32,
             "pad_token_id": tok.pad_token_id,
         },
-        text_config={
-            "model_type": "opt",
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "ffn_dim": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "word_embed_proj_dim": 32,
-            "max_position_embeddings": 256,
-            "init_std": _INIT,
-            **_ids(tok),
-        },
+        text_config=tiny_opt_config(tok),
         num_query_tokens=queries,
         image_token_index=tok.convert_tokens_to_ids(IMAGE),
         initializer_range=_INIT,

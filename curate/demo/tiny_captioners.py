@@ -334,6 +334,22 @@ def make_tiny_qwen2_vl(folder: str | os.PathLike, seed: int = 0, tokenizer=None)
     return _save(folder, model, processor)
 
 
+def tiny_opt_config(tok) -> dict:
+    """The OPT decoder of the tiny BLIP-2 (and of the tests' tiny InstructBLIP), over tokenizer ``tok``."""
+    return {
+        "model_type": "opt",
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "ffn_dim": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "word_embed_proj_dim": 32,
+        "max_position_embeddings": 256,
+        "init_std": _INIT,
+        **_ids(tok),
+    }
+
+
 def make_tiny_blip2(folder: str | os.PathLike, seed: int = 0, tokenizer=None) -> Path:
     """BLIP-2 (``Blip2ForConditionalGeneration``): a ViT, a Q-Former with 4 query tokens, an OPT decoder."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
@@ -360,18 +376,7 @@ def make_tiny_blip2(folder: str | os.PathLike, seed: int = 0, tokenizer=None) ->
             "pad_token_id": tok.pad_token_id,
             "initializer_range": _INIT,
         },
-        text_config={
-            "model_type": "opt",
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "ffn_dim": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "word_embed_proj_dim": 32,
-            "max_position_embeddings": 256,
-            "init_std": _INIT,
-            **_ids(tok),
-        },
+        text_config=tiny_opt_config(tok),
         num_query_tokens=queries,
         image_token_index=tok.convert_tokens_to_ids(IMAGE),
         initializer_range=_INIT,
