@@ -23,6 +23,7 @@ from curate.cli import main
 register_test_stages()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks to group by
 def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (make test): every module runs whole in one worker, so its
     module-scoped fixtures are built once; the modules on the session's Ray cluster all share one worker, so
@@ -31,6 +32,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__
         item.add_marker(pytest.mark.xdist_group("ray" if module in on_ray else module))
+
+
+def pytest_collection_finish(session):
+    """Fail loudly where ``--dist loadgroup`` does not group: xdist sends a group whole to one worker by a
+    suffix it adds to the node ids, which some pytest releases silently ignore (9.2: pytest-dev/pytest-xdist
+    #1386); every test would then be scheduled alone, and each worker build every module's fixtures and its
+    own Ray cluster, taking the suite far over its time."""
+    grouping = getattr(session.config.option, "loadgroup", False)
+    if grouping and session.items and not any("@" in item.nodeid for item in session.items):
+        raise pytest.UsageError(
+            "pytest-xdist's --dist loadgroup is not grouping the tests with this pytest "
+            f"({pytest.__version__}): use the locked versions (uv sync --locked --extra dev)"
+        )
 
 
 @pytest.fixture(scope="session")

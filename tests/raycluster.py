@@ -34,13 +34,27 @@ CURATE = [
 ]
 
 
+_GIVEN: set[int] = set()  # ports free_ports handed out in this process
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """``n`` ports free now, none handed out before in this process: a cluster's nodes get theirs from several
+    calls, and the kernel may offer a port again once its probe socket is closed (Ray then refuses to start:
+    two of its components on one port)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)  # held open until all are chosen, so none is offered twice in this call
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _GIVEN:
+                ports.append(port)
+                _GIVEN.add(port)
+    finally:
+        for s in socks:
+            s.close()
     return ports
 
 
