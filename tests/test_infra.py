@@ -343,7 +343,8 @@ STUBS = {
     # `timeout N bash -c ...` is the wait loop's check that the head's port answers (it does, here).
     "timeout": 'shift; [[ $1 == bash ]] && exit 0; exec "$@"\n',
     "sleep": "exit 0\n",
-    "curate": 'exit "${STUB_CURATE_RC:-0}"\n',
+    # `curate validate` (before any Ray process starts), then `curate run`.
+    "curate": '[[ $1 == validate ]] && exit "${STUB_VALIDATE_RC:-0}"\nexit "${STUB_CURATE_RC:-0}"\n',
     "torchrun": 'echo "MASTER=$MASTER_ADDR:$MASTER_PORT"\n',
 }
 
@@ -393,6 +394,9 @@ def test_ray_cluster_sbatch_runs_curate_on_the_cluster(tmp_path, laion_input, mo
     token_file = tmp_path / ".ray" / "curate-ray-42.token"
     seen = [line.split("\x1f") for line in (tmp_path / "calls.log.env").read_text().splitlines()]
     told = [e for e in seen if e[0] in ("ray", "curate") or (e[0] == "python" and e[2])]
+    validated = [e for e in told if e[0] == "curate" and not e[2]]  # `curate validate`, before the token
+    assert len(validated) == 1
+    told = [e for e in told if e not in validated]
     assert {e[0] for e in told} == {"ray", "curate", "python"}
     assert {(mode, path, perms) for _, mode, path, perms, _ in told} == {("token", str(token_file), "600")}
     ((token,),) = {(e[4],) for e in told}
@@ -420,7 +424,11 @@ def test_ray_cluster_sbatch_runs_curate_on_the_cluster(tmp_path, laion_input, mo
         "--nodelist=node3",
     ]
 
-    (run,) = [c[1:] for c in calls if c[0] == "curate"]
+    # The pipeline was validated first, with the same settings, before any Ray process started.
+    (check,), (run,) = ([c[1:] for c in calls if c[:2] == ["curate", verb]] for verb in ("validate", "run"))
+    first_ray = min(i for i, c in enumerate(calls) if c[:2] == ["ray", "start"])
+    assert calls.index(["curate", *check]) < first_ray
+    assert check[1:] == [a for a in run[1:] if a not in ("--address", "10.0.0.1:6379")]
     params = _parse_curate(run).params
     assert params["address"] == "10.0.0.1:6379"
     assert params["pipeline"] == "pipelines/laion_subset.yaml"
@@ -432,6 +440,13 @@ def test_ray_cluster_sbatch_runs_curate_on_the_cluster(tmp_path, laion_input, mo
         _validate(params["pipeline"], params["sets"], monkeypatch)
 
 
+def test_ray_cluster_sbatch_refuses_a_pipeline_that_does_not_validate_before_starting_ray(tmp_path):
+    proc, calls = _run_with_stub_slurm(tmp_path, "ray-cluster.sbatch", {"STUB_VALIDATE_RC": "2"})
+    assert proc.returncode == 2  # curate's code for a bad config
+    assert [c[:2] for c in calls] == [["curate", "validate"]]  # no srun, no ray start, no run
+    assert not (tmp_path / ".ray").exists() or not list((tmp_path / ".ray").iterdir())  # no token left
+
+
 def test_ray_cluster_sbatch_gives_up_when_nodes_do_not_join(tmp_path):
     # One node never joins: the wait loop sees one live node fewer than the allocation has.
     never_joins = {
@@ -440,7 +455,7 @@ def test_ray_cluster_sbatch_gives_up_when_nodes_do_not_join(tmp_path):
     proc, calls = _run_with_stub_slurm(tmp_path, "ray-cluster.sbatch", {"RAY_WAIT_S": "2"}, stubs=never_joins)
     assert proc.returncode == 1
     assert "Ray node(s) joined" in proc.stderr
-    assert not [c for c in calls if c[0] == "curate"]
+    assert not [c for c in calls if c[:2] == ["curate", "run"]]
 
 
 def test_ray_cluster_sbatch_stops_waiting_when_the_head_exits(tmp_path):
@@ -450,7 +465,9 @@ def test_ray_cluster_sbatch_stops_waiting_when_the_head_exits(tmp_path):
     proc, calls = _run_with_stub_slurm(tmp_path, "ray-cluster.sbatch", {}, stubs={**head_fails, **no_answer})
     assert proc.returncode == 1
     assert "error: the Ray head on node1 exited while waiting for the head" in proc.stderr
-    assert not [c for c in calls if c[0] == "curate" or c[:3] == ["ray", "start", "--address=10.0.0.1:6379"]]
+    assert not [
+        c for c in calls if c[:2] == ["curate", "run"] or c[:3] == ["ray", "start", "--address=10.0.0.1:6379"]
+    ]
     assert not list((tmp_path / ".ray").iterdir())  # the token is deleted however the job ends
 
 

@@ -383,6 +383,7 @@ def test_a_job_with_an_invalid_pipeline_ends_with_exit_code_2(slurm, curated):
     rc, output = slurm.sbatch(RAY_SCRIPT, env, tmp / "bad.out", *CPU_JOB)
     assert rc == 2, output[-4000:]
     assert "no_such_stage" in output and "Traceback" not in output
+    assert "ray head:" not in output  # refused before any Ray process started on the allocation
     assert not (tmp / "bad-out" / "shards").exists()
 
 
