@@ -24,7 +24,13 @@ def curate(*args, **kw):
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, executor):
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, executor, request):
+    """`curate run` (under Ray: with the local cluster it started) SIGKILLed with every process of its group;
+    the rerun (here, in this process: under Ray, on the session's cluster) completes it to the bytes of an
+    uninterrupted run."""
+    from curate.core.config import load_config
+    from curate.core.runner import run_pipeline
+
     make_input(tmp_path / "in.parquet", 1200, bad_every=17)
     stages = [
         {"stage": "synthetic_image"},
@@ -50,12 +56,11 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, executo
     done_before = len(list(shards.glob("*_stats.json")))
     assert 3 <= done_before < 12, "the kill should land midway"
 
-    r = curate("run", p, "-q", env=env)
-    assert r.returncode == 0, r.stderr
-    clean = curate(
-        "run", p, "-q", "--set", f"output.path={tmp_path / 'clean'}", "--executor", "local", env=env
-    )
-    assert clean.returncode == 0, clean.stderr
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    assert run_pipeline(load_config(p), show_progress=False).exit_code == 0
+    clean = load_config(p, [f"output.path={tmp_path / 'clean'}", "executor.kind=local"])
+    assert run_pipeline(clean, show_progress=False).exit_code == 0
     assert shard_files(tmp_path / "out") == shard_files(tmp_path / "clean")
     assert len(shard_files(tmp_path / "out")) == 24
     assert not list((tmp_path / "out").rglob("*.tmp-*"))

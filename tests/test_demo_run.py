@@ -11,16 +11,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 from conftest import sidecars
 from support.data import make_tiny_clip
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
-def test_demo_matches_its_ground_truth(tmp_path, cli, executor, request):
-    """Under Ray, three model stages run as three actor pools on the 2-CPU test cluster."""
-    if executor == "ray":
-        request.getfixturevalue("ray_cluster")
+def test_demo_matches_its_ground_truth_locally(tmp_path, cli):
+    check_demo(tmp_path, cli, "local")
+
+
+def test_demo_matches_its_ground_truth_under_ray(tmp_path, cli, ray_cluster):
+    """Three model stages run as three actor pools on the 2-CPU test cluster."""
+    check_demo(tmp_path, cli, "ray")
+
+
+def check_demo(tmp_path, cli, executor: str) -> None:
     clip = make_tiny_clip(tmp_path / "clip")
     (clip / "curate_calibration.json").write_text(json.dumps({"threshold": 0.05}))
     args = ("--size", 150, "--clip", clip, "--executor", executor, "--train-steps", 0)
