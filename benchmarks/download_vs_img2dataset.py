@@ -16,7 +16,9 @@ host's does, so that connections stay open long enough for the limit to matter.
 
 ``--slow-share 0.03 --slow-delay 6`` makes a fixed, seeded 3% of the images answer only after 6 s, as slow
 hosts on the web do: a tool whose shard waits for its slowest URL while its sockets idle pays that tail in
-every shard. ``--executors local,ray`` runs curate under each executor against the same img2dataset run;
+every shard. ``--executors local,ray`` runs curate under each executor against the same img2dataset run
+(``ray-warm``: on a Ray head started before the run, as ``curate run --address`` joins a cluster a user keeps
+running, so that Ray's start-up is not in the run's time);
 ``--baseline DIR`` also runs curate from an earlier copy of its sources (``DIR/curate``, with ``stages/`` and
 ``pipelines/`` copied to ``DIR/curate/stages`` and ``DIR/curate/pipelines``), so before and after are measured
 in one invocation, under the same load.
@@ -25,6 +27,11 @@ in one invocation, under the same load.
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --hosts 8 --max-per-host 2 --delay 0.2
     .venv/bin/python benchmarks/download_vs_img2dataset.py --images 3000 --slow-share 0.03 --slow-delay 6 \
         --executors local,ray
+
+Both hold the same number of sockets: curate's ``concurrency`` per worker is img2dataset's processes x threads
+divided by its workers (the local executor: one; Ray: one download actor per CPU). ``--shards-in-flight 2,4``
+runs curate once per value of the download stage's ``shards_in_flight`` (how many shards a worker downloads at
+once), each against the same img2dataset run.
 
 curate runs ``pipelines/download_only.yaml``, whose download computes no perceptual hash
 (``perceptual_hash: false``), as img2dataset computes none; ``--perceptual-hash true`` measures it with the
@@ -502,6 +509,7 @@ def curate_sets(
     max_per_host: int | None,
     executor: str = "local",
     perceptual_hash: bool | None = None,
+    in_flight: int | None = None,
 ) -> list[str]:
     allowed = ",".join(f'"{h}"' for h in hosts)
     sets = [
@@ -511,13 +519,45 @@ def curate_sets(
         f"output.path={out}",
         f"shard_size={SHARD_SIZE}",
         f"stages.download.allow_private=[{allowed}]",
-        f"executor.kind={executor}",
+        f"executor.kind={'local' if executor == 'local' else 'ray'}",
+        f"stages.download.concurrency={curate_sockets(executor)}",
     ]
+    if in_flight is not None:
+        sets.append(f"stages.download.shards_in_flight={in_flight}")
     if max_per_host is not None:
         sets.append(f"stages.download.max_per_host={max_per_host}")
     if perceptual_hash is not None:
         sets.append(f"stages.download.perceptual_hash={str(perceptual_hash).lower()}")
     return [arg for s in sets for arg in ("--set", s)]
+
+
+SOCKETS: list[int] = []  # --curate-sockets: curate's sockets in all, when not img2dataset's
+
+
+def curate_sockets(executor: str) -> int:
+    """curate's sockets per worker, so that it holds as many in all as img2dataset's PROCESSES x THREADS
+    (or ``--curate-sockets``): the local executor is one worker; Ray runs one download actor per CPU."""
+    total = SOCKETS[0] if SOCKETS else PROCESSES * THREADS
+    workers = 1 if executor == "local" else os.cpu_count() or 1
+    return max(1, total // workers)
+
+
+_WARM: list[str] = []  # the address of the running head, once started
+
+
+def warm_address(stack: contextlib.ExitStack) -> str:
+    """A Ray head of the benchmark's own (its temp dir, ports, process group; tests/raycluster.py), started
+    once and stopped when the benchmark ends; its address."""
+    if not _WARM:
+        sys.path.insert(0, str(REPO / "tests"))
+        from raycluster import Cluster, cluster_env
+
+        cpus = os.cpu_count() or 1
+        cluster = stack.enter_context(
+            Cluster(cluster_env(), worker_node=False, dashboard=False, head_cpus=cpus)
+        )
+        _WARM.append(cluster.address)
+    return _WARM[0]
 
 
 def curate_problem(pipeline: Path, sets: list[str], env: dict[str, str]) -> str | None:
@@ -553,9 +593,13 @@ def run_curate(
     executor: str = "local",
     source: Path | None = None,
     perceptual_hash: bool | None = None,
+    in_flight: int | None = None,
+    address: str | None = None,
 ) -> Result | None:
     pipeline = curate_pipeline(source)
-    sets = curate_sets(url_list, out, hosts, max_per_host, executor, perceptual_hash)
+    sets = curate_sets(url_list, out, hosts, max_per_host, executor, perceptual_hash, in_flight)
+    if address:
+        sets += ["--set", f"executor.address={address}"]
     env = curate_env(source)
     problem = curate_problem(pipeline, sets, env)
     if problem:
@@ -564,6 +608,9 @@ def run_curate(
     cmd = [str(CURATE), "run", str(pipeline), "--overwrite", "-q", *sets]
     result = measure(tool, cmd, out / "shards", out.with_suffix(".log"), total, env)
     result.download = download_settings(pipeline, perceptual_hash)
+    result.download["concurrency"] = curate_sockets(executor)
+    if in_flight is not None:
+        result.download["shards_in_flight"] = in_flight
     return result
 
 
@@ -652,7 +699,19 @@ def main() -> None:
     )
     ap.add_argument("--slow-delay", type=float, default=6.0, help="seconds a slow image waits (default 6)")
     ap.add_argument(
-        "--executors", default="local", help="curate's executors, comma-separated: local, ray (default local)"
+        "--executors",
+        default="local",
+        help="curate's executors, comma-separated: local, ray, ray-warm (default local)",
+    )
+    ap.add_argument(
+        "--shards-in-flight",
+        default="",
+        help="curate's download.shards_in_flight, comma-separated, each a run (auto: the stage's default)",
+    )
+    ap.add_argument(
+        "--curate-sockets",
+        type=int,
+        help="curate's sockets in all (default: img2dataset's processes x threads, the same number)",
     )
     ap.add_argument("--baseline", type=Path, help="also run curate from this earlier copy of its sources")
     ap.add_argument(
@@ -668,8 +727,11 @@ def main() -> None:
     perceptual_hash = None if args.perceptual_hash is None else args.perceptual_hash == "true"
     SHARD_SIZE = args.shard_size
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
-    if not executors or set(executors) - {"local", "ray"}:
-        ap.error("--executors takes local, ray or both")
+    if not executors or set(executors) - {"local", "ray", "ray-warm"}:
+        ap.error("--executors takes local, ray, ray-warm")
+    SOCKETS.extend([args.curate_sockets] if args.curate_sockets else [])
+    depths = [None if v.strip() == "auto" else int(v) for v in args.shards_in_flight.split(",") if v.strip()]
+    depths = depths or [None]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on kill too
 
     exe = None if args.skip_img2dataset else ensure_img2dataset()
@@ -680,7 +742,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="curate-bench-"))
     results: dict[str, Result] = {}
     try:
-        with ImageServer(folder, args.hosts, args.delay, slow, args.slow_delay) as server:
+        with (
+            contextlib.ExitStack() as stack,
+            ImageServer(folder, args.hosts, args.delay, slow, args.slow_delay) as server,
+        ):
             url_list = work / "urls.parquet"
             write_url_list(url_list, images, server.hosts, args.seed)
             if exe is not None:
@@ -688,10 +753,12 @@ def main() -> None:
                 results["img2dataset"] = run_img2dataset(exe, url_list, work / "img2dataset", len(images))
                 results["img2dataset"].peak_connections_per_host = max(server.peaks().values())
             sources = [("curate", None)] + ([("baseline", args.baseline)] if args.baseline else [])
-            for (name, source), executor in itertools.product(
-                sources if not args.skip_curate else [], executors
+            for (name, source), executor, depth in itertools.product(
+                sources if not args.skip_curate else [], executors, depths
             ):
                 tool = name if executor == "local" else f"{name}-{executor}"
+                tool += "" if depth is None else f"-k{depth}"
+                address = warm_address(stack) if executor == "ray-warm" else None
                 server.peaks()
                 curate = run_curate(
                     tool,
@@ -703,6 +770,8 @@ def main() -> None:
                     executor,
                     source,
                     perceptual_hash,
+                    depth,
+                    address,
                 )
                 if curate is not None:
                     curate.peak_connections_per_host = max(server.peaks().values())

@@ -6,10 +6,10 @@ Rows whose image came with the input (WebDataset tars, image folders, a parquet 
 
 One pool of ``concurrency`` download threads per worker, made in ``setup()``, serves every shard of that
 worker. The stage overlaps shards (``overlaps_shards``, see :mod:`curate.executors.base`): the executors start
-the next shard's downloads while the current shard's slowest URLs finish. The pool serves URLs in the order
-they were queued, and the next shard is queued once the current one is under way, so its URLs take the
-sockets the current shard frees: never more than ``concurrency`` sockets open per worker, and none idle while
-a shard waits on its tail. Each row's result depends on its URL alone, so a shard's output is the same
+the next shards' downloads (up to ``shards_in_flight`` shards at once) while the current shard's slowest URLs
+finish. The pool serves URLs in the order they were queued, and each shard is queued once the one before it is
+under way, so its URLs take the sockets the earlier shards free: never more than ``concurrency`` sockets open
+per worker, and none idle while a shard waits on its tail. Each row's result depends on its URL alone, so a shard's output is the same
 whichever shard's URLs ran beside it.
 
 Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
@@ -57,6 +57,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -74,10 +75,21 @@ from curate.kit.net import Fetcher, FetchPolicy, parse_proxy
 
 DEFAULT_USER_AGENT = f"curate/{curate.__version__} (+https://github.com/curate-data/curate#readme)"
 TRANSIENT_STATUSES = ("timeout", "connection_error", "http_429", "http_5xx")
+ROWS_IN_FLIGHT = 4000  # rows a worker downloads at once by default, across shards (shards_in_flight)
 
 
 class DownloadConfig(StrictModel):
     concurrency: int = Field(32, gt=0, le=1024, description="parallel downloads per worker")
+    shards_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="shards per worker whose downloads run at once, sharing its `concurrency` sockets: the one "
+        "being finished and those queued behind it, so the slowest hosts of one shard leave no socket idle. "
+        "Default: enough shards for about 4,000 rows, at least 2 and at most 8 (500-row shards: 8; 10,000-row "
+        "shards: 2, as each shard's own rows outlast a slow host's tail). Each holds its images in memory "
+        "until written; 1 takes shards one at a time",
+    )
     decode_threads: int | None = Field(
         None, gt=0, description="images decoded at once per worker (default: its CPU count); bounds memory"
     )
@@ -275,6 +287,15 @@ class Download(Stage):
         (perceptual dedup, decontamination, a pHash blocklist) is a config error."""
         off = "perceptual_hash: false"
         return {} if self.config.perceptual_hash else {"phash": off, "phash_mirror": off}
+
+    def shards_in_flight(self, shard_rows: int) -> int:
+        """Shards of ``shard_rows`` rows one worker downloads at once
+        (:func:`curate.executors.base.shards_in_flight`): the config's, or as many as hold ``ROWS_IN_FLIGHT``
+        rows, 2 to 8. Small shards (whose downloads take less time than a slow host's answer) then still keep
+        the sockets busy, and the images held beyond the usual two shards stay bounded by rows."""
+        if self.config.shards_in_flight is not None:
+            return self.config.shards_in_flight
+        return min(8, max(2, math.ceil(ROWS_IN_FLIGHT / max(1, shard_rows))))
 
     def setup(self) -> None:
         c = self.config

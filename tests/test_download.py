@@ -537,28 +537,32 @@ SHARDED = (
 )
 
 
-def test_the_next_shard_downloads_while_the_slowest_url_of_this_one_finishes(tmp_path, timed):
-    p = overlap_pipeline(tmp_path, timed, SHARDED)
+@pytest.mark.parametrize("in_flight", [2, 4])
+def test_the_next_shards_download_while_the_slowest_url_of_this_one_finishes(tmp_path, timed, in_flight):
+    paths = SHARDED + [f"/s{k}/{i}" for k in (3, 4) for i in range(4)]  # five shards
+    p = overlap_pipeline(tmp_path, timed, paths, shards_in_flight=in_flight)
     summary = run_pipeline(load_config(p), show_progress=False)
-    assert summary.exit_code == 0 and summary.counts["status"] == {"ok": 12}
+    assert summary.exit_code == 0 and summary.counts["status"] == {"ok": 20}
     _, slow_done = timed.times("/slow/a")
-    # shard 00001 was fetched while shard 00000 waited on its slow URL: the sockets did not idle
-    assert all(timed.times(f"/s1/{i}")[1] < slow_done - 1.0 for i in range(4)), timed.log
-    # a lookahead of one shard: 00002 starts only once 00000 is done (two shards held at most)
-    assert all(timed.times(f"/s2/{i}")[0] >= slow_done for i in range(4)), timed.log
+    # shards 00001 .. in_flight - 1 were fetched while shard 00000 waited on its slow URL: no socket idled
+    ahead = [f"/s{k}/{i}" for k in range(1, in_flight) for i in range(4)]
+    assert all(timed.times(path)[1] < slow_done - 1.0 for path in ahead), timed.log
+    # and no further: the next shard starts only once 00000 is done (in_flight shards held at most)
+    assert all(timed.times(f"/s{in_flight}/{i}")[0] >= slow_done for i in range(4)), timed.log
     assert shard_files(tmp_path / "out") == sequential(p, tmp_path / "sequential")
 
 
-def test_under_ray_an_actor_takes_the_next_shard_while_the_slowest_url_of_one_finishes(
-    tmp_path, timed, ray_cluster
-):
+def test_under_ray_an_actor_takes_the_next_shards_while_the_slowest_urls_finish(tmp_path, timed, ray_cluster):
     # One actor (the stage asks for both CPUs of the test cluster), so the overlap is within one worker. It
-    # holds two shards at once: 00000 and 00001; when 00001 is written it takes 00002.
-    p = overlap_pipeline(tmp_path, timed, SHARDED, resources={"cpus": 2})
+    # holds three shards at once (shards_in_flight): 00002 downloads while both 00000 and 00001 wait on a slow
+    # URL each; with two in flight it would have waited for one of them.
+    paths = ["/slow/a", "/s0/b", "/s0/c", "/s0/d", "/slow/b", "/s1/b", "/s1/c", "/s1/d"]
+    paths += [f"/s2/{i}" for i in range(4)]
+    p = overlap_pipeline(tmp_path, timed, paths, resources={"cpus": 2}, shards_in_flight=3)
     summary = run_pipeline(load_config(p, ["executor.kind=ray"]), show_progress=False)
     assert summary.exit_code == 0 and summary.counts["status"] == {"ok": 12}
-    _, slow_done = timed.times("/slow/a")
-    assert all(timed.times(f"/s{k}/{i}")[1] < slow_done - 0.5 for k in (1, 2) for i in range(4)), timed.log
+    first_slow_done = min(timed.times(path)[1] for path in ("/slow/a", "/slow/b"))
+    assert all(timed.times(f"/s2/{i}")[1] < first_slow_done - 0.5 for i in range(4)), timed.log
     assert shard_files(tmp_path / "out") == sequential(p, tmp_path / "sequential")
 
 
@@ -566,7 +570,7 @@ def test_shards_share_one_socket_budget(tmp_path, timed):
     paths = ["/slow/a", "/slow/b"] + [f"/s0/{i}" for i in range(4)] + [f"/s1/{i}" for i in range(6)]
     p = overlap_pipeline(tmp_path, timed, paths, shard_size=6, concurrency=3)
     assert run_pipeline(load_config(p), show_progress=False).exit_code == 0
-    assert timed.most_open <= 3  # two shards at once, never more sockets than one worker's concurrency
+    assert timed.most_open <= 3  # shards at once, never more sockets than one worker's concurrency
     # while both slow URLs held two sockets, shard 00001 went through the third
     assert max(timed.times(x)[1] for x in paths[6:]) < min(timed.times(x)[1] for x in paths[:2])
 
@@ -595,3 +599,12 @@ def test_a_run_killed_while_shards_overlap_resumes_to_the_same_bytes(tmp_path, t
     assert summary.exit_code == 0 and summary.shards_done == ["00000", "00001", "00002"]
     assert shard_files(tmp_path / "out") == expected
     assert not [f for f in (tmp_path / "out").rglob("*") if ".tmp" in f.name]
+
+
+def test_small_shards_get_a_deeper_lookahead_and_an_explicit_one_is_kept():
+    auto = Download(DownloadConfig())
+    # about 4,000 rows in flight per worker, at least two shards and at most eight
+    assert [auto.shards_in_flight(rows) for rows in (100, 500, 1000, 3000, 10_000)] == [8, 8, 4, 2, 2]
+    assert Download(DownloadConfig(shards_in_flight=3)).shards_in_flight(10_000) == 3
+    with pytest.raises(ValueError):
+        DownloadConfig(shards_in_flight=0)

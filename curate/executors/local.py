@@ -1,12 +1,12 @@
 """In-process execution, one shard after another: the default for debugging and unit tests.
 
 A phase whose first stages overlap shards (the download stage: :mod:`curate.executors.base`) runs with a
-lookahead of one shard: while this thread takes shard N through the rest of the phase and writes it, a second
-thread has already loaded shard N+1 and started its downloads, whose URLs queue behind shard N's in the
-stage's one socket pool and take the sockets shard N's slowest URLs leave idle. Everything after the head,
-and the writer, runs in this thread, shard after shard, in order, as without overlap. A shard whose first try
-fails is tried again here, on its own, as every shard of a phase without overlap is. At most two shards are
-held at once (the one being finished and the next).
+lookahead: while this thread takes shard N through the rest of the phase and writes it, other threads have
+already loaded shards N+1 ... N+k-1 (k: :func:`~curate.executors.base.shards_in_flight`) and started their
+downloads, whose URLs queue behind shard N's in the stage's one socket pool and take the sockets shard N's
+slowest URLs leave idle. Everything after the head, and the writer, runs in this thread, shard after shard, in
+order, as without overlap. A shard whose first try fails is tried again here, on its own, as every shard of a
+phase without overlap is. At most k shards are held at once (the one being finished and those ahead of it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from curate.core.config import ExecutorConfig
 from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
-from curate.executors.base import OnResult, overlapping_head
+from curate.executors.base import OnResult, overlapping_head, shards_in_flight
 from curate.executors.plan import Cluster, Node, Plan, local_plan
 
 __all__ = ["LocalExecutor", "this_machine"]
@@ -67,7 +67,8 @@ class LocalExecutor:
 
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
         head = overlapping_head(job.stages)
-        if head and len(specs) > 1 and _set_up(job, head):
+        rows = max((spec.rows for spec in specs), default=0)
+        if head and shards_in_flight(head, rows) > 1 and len(specs) > 1 and _set_up(job, head):
             self._run_overlapped(job, head, specs, on_result)
         else:
             for spec in specs:
@@ -90,16 +91,21 @@ class LocalExecutor:
     def _run_overlapped(
         self, job: PhaseJob, head: list[BoundStage], specs: list[ShardSpec], on_result: OnResult
     ) -> None:
-        """Shard N's tail and write here while the next shard's head (load and downloads) runs in a thread."""
+        """Shard N's tail and write here while the heads (load and downloads) of the shards after it run in
+        threads, up to ``shards_in_flight`` shards at once."""
         tail = job.stages[len(head) :]
-        ahead = ThreadPoolExecutor(max_workers=2, thread_name_prefix="curate-shard-head")
+        depth = shards_in_flight(head, max(spec.rows for spec in specs))
+        ahead = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="curate-shard-head")
         loaded = [threading.Event() for _ in specs]
-        heads: dict[int, Future] = {0: ahead.submit(_run_head, job, head, specs[0], loaded[0])}
+        heads: dict[int, Future] = {}
+        started = 0  # heads submitted: shards 0 .. started - 1
         try:
             for i, spec in enumerate(specs):
-                if i + 1 < len(specs):  # the lookahead: its URLs queue behind this shard's
-                    loaded[i].wait()  # (set when shard i's head has its table, or failed to load it)
-                    heads[i + 1] = ahead.submit(_run_head, job, head, specs[i + 1], loaded[i + 1])
+                while started < min(len(specs), i + depth):  # the lookahead: each shard's URLs queue
+                    if started:  # behind the one before it (set once that one has its table, or failed)
+                        loaded[started - 1].wait()
+                    heads[started] = ahead.submit(_run_head, job, head, specs[started], loaded[started])
+                    started += 1
                 try:
                     table, timings = heads.pop(i).result()
                     table = job.apply(tail, table, timings)
@@ -112,7 +118,7 @@ class LocalExecutor:
                 else:
                     on_result(ShardResult(spec.id, stats=stats, attempts=1))
         finally:
-            for future in heads.values():  # stopped early (Ctrl-C): the next shard's head is not waited for
+            for future in heads.values():  # stopped early (Ctrl-C): the heads ahead are not waited for
                 future.cancel()
             ahead.shutdown(wait=False, cancel_futures=True)
 

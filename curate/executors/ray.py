@@ -41,7 +41,7 @@ from curate.base import ClusterAccessError, ConfigError
 from curate.core.config import ExecutorConfig
 from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
-from curate.executors.base import OnResult, overlapping_head
+from curate.executors.base import OnResult, overlapping_head, shards_in_flight
 from curate.executors.plan import Cluster, Node, Plan, make_plan, plan_phase
 
 _ROW_SCHEMA = pa.schema(
@@ -141,8 +141,9 @@ class _PhaseActor(_Phase):
 
 class _OverlappingPhaseActor(_PhaseActor):
     """Actor of a phase whose head overlaps shards (:mod:`curate.executors.base`), run with
-    ``max_concurrency=OVERLAP``: two shards at once, each in a thread of its own. Their heads (load, downloads)
-    run side by side and share the actor's one socket pool, the earlier shard's URLs first; the tail and the
+    ``max_concurrency`` = the head's ``shards_in_flight``: that many shards at once, each in a thread of its own.
+    Their heads (load, downloads) run side by side and share the actor's one socket pool, the earlier shard's
+    URLs first; the tail and the
     write take one shard at a time (a lock), so a model stage never runs on two shards at once."""
 
     def __init__(self, job: PhaseJob):
@@ -159,9 +160,6 @@ class _OverlappingPhaseActor(_PhaseActor):
             table = self.job.apply(self.tail, table, timings)
             stats = _stamped(self.job).sink(spec, table, timings)
         return {"data": b"", "timings": json.dumps(stats)}
-
-
-OVERLAP = 2  # shards an overlapping actor holds at once: the one it finishes and the next
 
 
 class _NodeStampedWriter:
@@ -490,19 +488,20 @@ class RayExecutor:
         blocks, as only the shard's stats come back.
 
         A phase whose head overlaps shards (the download stage) runs as threaded actors instead of tasks,
-        each given ``OVERLAP`` shards at a time (a lookahead of one): the next shard's downloads take the
-        sockets the current shard's slowest URLs leave idle, and an actor keeps its sockets, robots.txt and
-        DNS caches from shard to shard."""
+        each given ``shards_in_flight`` shards at a time (the download stage's setting): the next shards'
+        downloads take the sockets the current shard's slowest URLs leave idle, and an actor keeps its
+        sockets, robots.txt and DNS caches from shard to shard."""
         import ray
 
         slots = min(op.concurrency, len(items))
         options: dict[str, Any] = {**op.ray_options(), "scheduling_strategy": "SPREAD"}
         if storage_env():  # also reaches a cluster that was running before this driver
             options["runtime_env"] = {"env_vars": storage_env()}
-        overlapping = bool(overlapping_head(job.stages)) and len(items) > 1
+        depth = shards_in_flight(overlapping_head(job.stages), max((_spec(r).rows for r in items), default=0))
+        overlapping = depth > 1 and len(items) > 1
         actors = op.kind == "actors" or overlapping
         if overlapping:
-            actor = ray.remote(_OverlappingPhaseActor).options(**options, max_concurrency=OVERLAP)
+            actor = ray.remote(_OverlappingPhaseActor).options(**options, max_concurrency=depth)
             workers: list[Any] = [actor.remote(job) for _ in range(slots)]
 
             def submit(worker: Any, row: dict[str, Any]) -> Any:
@@ -521,8 +520,8 @@ class RayExecutor:
             def submit(worker: Any, row: dict[str, Any]) -> Any:
                 return task.remote(job_ref, row)
 
-        # Each worker once, then (overlapping) each again: the first shards spread over the workers.
-        idle = [w for _ in range(OVERLAP if overlapping else 1) for w in reversed(workers)]
+        # Each worker once, then (overlapping) each again, up to its depth: the first shards spread over them.
+        idle = [w for _ in range(depth if overlapping else 1) for w in reversed(workers)]
         todo, running = list(reversed(items)), {}
         try:
             while todo or running:
