@@ -11,7 +11,7 @@ UV         := $(UV_HOME)/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS    := never
 
-.PHONY: test demo lint format bench audit fuzz lock clean
+.PHONY: test demo lint format bench audit fuzz chaos lock clean
 
 $(UV):
 	$(PYTHON) -m venv $(UV_HOME)
@@ -36,6 +36,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/registry_audit.py --lock uv.lock --ignore audit-ignore.txt
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+# Every seed of the crash-consistency tests (make test runs one of each kind of kill).
+chaos: $(STAMP)
+	CURATE_CHAOS_ALL=1 $(BIN)/python -m pytest -q tests/test_chaos.py
 
 # The demo runs offline: it builds the sample world, serves it on 127.0.0.1 and runs pipelines/demo.yaml.
 demo: $(STAMP)

@@ -27,11 +27,16 @@ register_test_stages()
 def pytest_collection_modifyitems(config, items):
     """For ``pytest -n 2 --dist loadgroup`` (make test): every module runs whole in one worker, so its
     module-scoped fixtures are built once; the modules on the session's Ray cluster all share one worker, so
-    only one such cluster starts."""
+    only one such cluster starts. The longest groups go first (the Ray group, then the modules marked slow),
+    so that the workers end on short ones rather than one waiting for the other."""
     on_ray = {item.module.__name__ for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
     for item in items:
         module = item.module.__name__
         item.add_marker(pytest.mark.xdist_group("ray" if module in on_ray else module))
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(
+        key=lambda item: 0 if item.module.__name__ in on_ray else 1 if item.module.__name__ in slow else 2
+    )
 
 
 def pytest_collection_finish(session):

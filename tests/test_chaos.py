@@ -32,6 +32,15 @@ from curate.core.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 
+# `make test` runs one seed of each kind of kill; `make chaos` (CURATE_CHAOS_ALL=1) runs every seed below.
+EVERY_SEED = os.environ.get("CURATE_CHAOS_ALL") == "1"
+
+
+def seeds(first, *more):
+    """The parameters of a kill test: the first always, the others with CURATE_CHAOS_ALL=1."""
+    return [first, *more] if EVERY_SEED else [first]
+
+
 ROWS, SHARD_SIZE = 200, 20
 SHARDS = ROWS // SHARD_SIZE
 TASK = "ray::_run_phase_task"  # the title Ray gives a worker while it runs a shard (curate.executors.ray)
@@ -243,7 +252,7 @@ def check_output(out: Path, clean: Path, cli) -> None:
     assert run["status"] == "finished" and run["counts"] == counts and run["shards_done"] == SHARDS
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", seeds(1, 2, 3))
 def test_workers_killed_at_random_points(cluster, pipeline, tmp_path, drivers, cli, seed):
     """Two workers SIGKILLed while they run a shard: Ray retries the shard (or a rerun would)."""
     p, clean = pipeline
@@ -472,7 +481,7 @@ def _phase0(out: Path) -> int:
 
 @pytest.mark.parametrize(
     ("seed", "when"),
-    [(8, "driver in phase 0"), (9, "driver in phase 1"), (10, "worker in phase 1")],
+    [*seeds((9, "driver in phase 1"), (8, "driver in phase 0")), (10, "worker in phase 1")],
 )
 def test_kills_around_a_global_stage(cluster, global_pipeline, tmp_path, drivers, cli, seed, when):
     """The driver killed while phase 0 writes its intermediate shards, or after the fit while phase 1

@@ -292,6 +292,7 @@ def test_cli_bad_input_exits_2_with_a_message(runs, both, tmp_path, cli, args, m
     assert r.code == 2 and message in r.err, r
 
 
+@pytest.mark.slow
 def test_a_caption_finds_its_own_image_with_a_trained_clip(tmp_path, world_server):
     """With the demo's CLIP, trained briefly (60 steps, ~25 s), a text query for a clean sample's caption
     brings back its own image among the top 10 for nearly every sample (chance: 10 of ~150)."""

@@ -391,7 +391,8 @@ def test_a_cluster_that_does_not_form_fails_the_job_with_a_message(slurm, tmp_pa
     """Nothing answers in the time given (RAY_WAIT_S=0: the head is still starting): the job gives up with the
     count it saw, stops the head's step (asked again if the first signal came while srun was launching it)
     and deletes the token. tests/test_infra.py has a head that exits."""
-    env = _job_env(tmp_path, PIPELINE="pipelines/demo.yaml", OUTPUT=str(tmp_path / "out"), RAY_WAIT_S="0")
+    pipeline = str(_small_pipeline(tmp_path))  # valid: the job validates it before starting Ray
+    env = _job_env(tmp_path, PIPELINE=pipeline, OUTPUT=str(tmp_path / "out"), RAY_WAIT_S="0")
     rc, output = slurm.sbatch(RAY_SCRIPT, env, tmp_path / "no-wait.out", *CPU_JOB)
     assert rc == 1
     assert re.search(r"error: 0 of 1 Ray node\(s\) joined at \S+ in 0s \(waiting for the head\)", output), (

@@ -474,6 +474,7 @@ def test_curate_train_reports_a_setup_problem_and_exits_2(run, tmp_path, cli):
     assert r.code == 2 and "data.rules" in r.err
 
 
+@pytest.mark.slow
 def test_two_ranks_with_torchrun_train_on_disjoint_data(run, tmp_path):
     """DDP on the CPU (gloo): two processes launched by torchrun, as on a GPU node; both ranks' data
     positions land in the checkpoint, and a rerun resumes both."""
