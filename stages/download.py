@@ -9,8 +9,8 @@ worker. The stage overlaps shards (``overlaps_shards``, see :mod:`curate.executo
 the next shards' downloads (up to ``shards_in_flight`` shards at once) while the current shard's slowest URLs
 finish. The pool serves URLs in the order they were queued, and each shard is queued once the one before it is
 under way, so its URLs take the sockets the earlier shards free: never more than ``concurrency`` sockets open
-per worker, and none idle while a shard waits on its tail. Each row's result depends on its URL alone, so a shard's output is the same
-whichever shard's URLs ran beside it.
+per worker, and none idle while a shard waits on its tail. Each row's result depends on its URL alone, so a
+shard's output is the same whichever shard's URLs ran beside it.
 
 Status codes (every row ends with exactly one; only ``ok`` rows carry an image):
 

@@ -8,11 +8,12 @@ of one worker at once, in threads, and it bounds its own concurrency per worker 
 of ``concurrency`` sockets that every shard of the worker shares, first come first served). The leading run of
 such stages of a phase is its head (:func:`overlapping_head`). Each executor lets a worker hold
 :func:`shards_in_flight` shards in its head at once (a stage says how many for shards of a given size with
-``shards_in_flight(rows)``: the download stage's config, or its rule for small shards): the current shard and the next ones, whose URLs queue behind the current
-shard's in order (locally: each once the one before it is loaded; in a Ray actor the first ones start
-together), so they take the sockets its slowest URLs leave idle, and never more than the worker's budget is
-open. With one shard ahead, a shard whose tail is longer than the next shard's whole download (hosts that
-answer after seconds) still left sockets idle; with more in flight the tail of one shard overlaps several.
+``shards_in_flight(rows)``: the download stage's config, or its rule for small shards): the current shard
+and the next ones, whose URLs queue behind the current shard's in order (locally: each once the one before it
+is loaded; in a Ray actor the first ones start together), so they take the sockets its slowest URLs leave
+idle, and never more than the worker's budget is open. With one shard ahead, a shard whose tail is longer
+than the next shard's whole download (hosts that answer after seconds) still left sockets idle; with more in
+flight the tail of one shard overlaps several.
 The rest of the phase (the tail: model stages, filters) and the writer run on one shard at a time per worker,
 in shard order locally, as they did without overlap, so a model stage never runs on two shards at once in one
 process. A shard's bytes do not depend on it: each row's result is its own, whenever it comes. A shard is

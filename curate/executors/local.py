@@ -67,9 +67,9 @@ class LocalExecutor:
 
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
         head = overlapping_head(job.stages)
-        rows = max((spec.rows for spec in specs), default=0)
-        if head and shards_in_flight(head, rows) > 1 and len(specs) > 1 and _set_up(job, head):
-            self._run_overlapped(job, head, specs, on_result)
+        depth = shards_in_flight(head, max((spec.rows for spec in specs), default=0))
+        if depth > 1 and len(specs) > 1 and _set_up(job, head):
+            self._run_overlapped(job, head, specs, on_result, depth)
         else:
             for spec in specs:
                 self._finish(job, spec, on_result, first=1)
@@ -89,12 +89,11 @@ class LocalExecutor:
                 return
 
     def _run_overlapped(
-        self, job: PhaseJob, head: list[BoundStage], specs: list[ShardSpec], on_result: OnResult
+        self, job: PhaseJob, head: list[BoundStage], specs: list[ShardSpec], on_result: OnResult, depth: int
     ) -> None:
         """Shard N's tail and write here while the heads (load and downloads) of the shards after it run in
-        threads, up to ``shards_in_flight`` shards at once."""
+        threads, ``depth`` shards at once."""
         tail = job.stages[len(head) :]
-        depth = shards_in_flight(head, max(spec.rows for spec in specs))
         ahead = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="curate-shard-head")
         loaded = [threading.Event() for _ in specs]
         heads: dict[int, Future] = {}

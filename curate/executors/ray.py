@@ -141,10 +141,10 @@ class _PhaseActor(_Phase):
 
 class _OverlappingPhaseActor(_PhaseActor):
     """Actor of a phase whose head overlaps shards (:mod:`curate.executors.base`), run with
-    ``max_concurrency`` = the head's ``shards_in_flight``: that many shards at once, each in a thread of its own.
-    Their heads (load, downloads) run side by side and share the actor's one socket pool, the earlier shard's
-    URLs first; the tail and the
-    write take one shard at a time (a lock), so a model stage never runs on two shards at once."""
+    ``max_concurrency`` = the head's ``shards_in_flight``: that many shards at once, each in a thread of its
+    own. Their heads (load, downloads) run side by side and share the actor's one socket pool, the earlier
+    shard's URLs first; the tail and the write take one shard at a time (a lock), so a model stage never runs
+    on two shards at once."""
 
     def __init__(self, job: PhaseJob):
         super().__init__(job)
