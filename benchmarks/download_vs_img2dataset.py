@@ -681,7 +681,7 @@ def print_report(
 
 
 def main() -> None:
-    global SHARD_SIZE  # --shard-size sets it for both tools
+    global SHARD_SIZE, CURATE  # --shard-size sets it for both tools; --curate-env, curate's environment
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000, help="how many images to serve")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated image set")
@@ -715,6 +715,13 @@ def main() -> None:
     )
     ap.add_argument("--baseline", type=Path, help="also run curate from this earlier copy of its sources")
     ap.add_argument(
+        "--curate-env",
+        type=Path,
+        help="run curate from this environment (its bin/curate) instead of the checkout's .venv: e.g. one made "
+        "as users install curate, `UV_PROJECT_ENVIRONMENT=DIR uv sync --locked`, whose Ray lacks the dashboard "
+        "packages that the dev extra (ray[default]) brings, and so starts fewer processes",
+    )
+    ap.add_argument(
         "--shard-size", type=int, default=SHARD_SIZE, help="rows a shard, both tools (default 1000)"
     )
     ap.add_argument(
@@ -724,6 +731,10 @@ def main() -> None:
         "as img2dataset, which computes none)",
     )
     args = ap.parse_args()
+    if args.curate_env is not None:
+        CURATE = args.curate_env / "bin" / "curate"
+        if not CURATE.exists():
+            ap.error(f"--curate-env: {CURATE} does not exist")
     perceptual_hash = None if args.perceptual_hash is None else args.perceptual_hash == "true"
     SHARD_SIZE = args.shard_size
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]

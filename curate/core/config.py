@@ -191,6 +191,12 @@ class ExecutorConfig(StrictModel):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray cluster started by curate")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray cluster started by curate")
     dashboard: bool = Field(False, description="start Ray's dashboard with a local cluster")
+    work_while_starting: bool = Field(
+        True,
+        description="while a local Ray cluster that curate starts comes up (5-15 s on a small machine), the "
+        "driver runs the first shards of each phase without a model itself, until the phase's first Ray "
+        "worker is ready; false: only Ray's workers run shards",
+    )
     object_store_memory: int | None = Field(None, gt=0, description="bytes; caps in-flight shards under Ray")
     max_shard_retries: int = Field(
         2, ge=0, description="a failing shard is retried this often, then reported"

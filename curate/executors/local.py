@@ -15,6 +15,8 @@ import importlib.util
 import os
 import threading
 import traceback
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -66,9 +68,18 @@ class LocalExecutor:
         bound.stage.fit(shards)
 
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
+        self.run_from(job, iter(specs), max((spec.rows for spec in specs), default=0), on_result)
+
+    def run_from(
+        self, job: PhaseJob, specs: Iterator[ShardSpec], shard_rows: int, on_result: OnResult
+    ) -> None:
+        """``run_phase`` on the shards ``specs`` yields, taken one at a time as a shard's turn comes (the
+        lookahead's included): a source that stops yielding stops the phase here once the shards already
+        taken are finished (the Ray executor's driver lane: :mod:`curate.executors.ray`). ``shard_rows``: the
+        largest shard's rows, for the lookahead's depth."""
         head = overlapping_head(job.stages)
-        depth = shards_in_flight(head, max((spec.rows for spec in specs), default=0))
-        if depth > 1 and len(specs) > 1 and _set_up(job, head):
+        depth = shards_in_flight(head, shard_rows)
+        if depth > 1 and _set_up(job, head):
             self._run_overlapped(job, head, specs, on_result, depth)
         else:
             for spec in specs:
@@ -89,24 +100,33 @@ class LocalExecutor:
                 return
 
     def _run_overlapped(
-        self, job: PhaseJob, head: list[BoundStage], specs: list[ShardSpec], on_result: OnResult, depth: int
+        self,
+        job: PhaseJob,
+        head: list[BoundStage],
+        specs: Iterator[ShardSpec],
+        on_result: OnResult,
+        depth: int,
     ) -> None:
         """Shard N's tail and write here while the heads (load and downloads) of the shards after it run in
         threads, ``depth`` shards at once."""
         tail = job.stages[len(head) :]
         ahead = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="curate-shard-head")
-        loaded = [threading.Event() for _ in specs]
-        heads: dict[int, Future] = {}
-        started = 0  # heads submitted: shards 0 .. started - 1
+        started: deque[tuple[ShardSpec, threading.Event, Future]] = deque()  # in shard order
         try:
-            for i, spec in enumerate(specs):
-                while started < min(len(specs), i + depth):  # the lookahead: each shard's URLs queue
-                    if started:  # behind the one before it (set once that one has its table, or failed)
-                        loaded[started - 1].wait()
-                    heads[started] = ahead.submit(_run_head, job, head, specs[started], loaded[started])
-                    started += 1
+            while True:
+                while len(started) < depth:  # the lookahead: each shard's URLs queue behind the one before
+                    spec = next(specs, None)  # it (set once that one has its table, or failed)
+                    if spec is None:
+                        break
+                    if started:
+                        started[-1][1].wait()
+                    loaded = threading.Event()
+                    started.append((spec, loaded, ahead.submit(_run_head, job, head, spec, loaded)))
+                if not started:
+                    return
+                spec, _, future = started.popleft()
                 try:
-                    table, timings = heads.pop(i).result()
+                    table, timings = future.result()
                     table = job.apply(tail, table, timings)
                     stats = job.sink(spec, table, timings)
                 except Exception:
@@ -117,7 +137,7 @@ class LocalExecutor:
                 else:
                     on_result(ShardResult(spec.id, stats=stats, attempts=1))
         finally:
-            for future in heads.values():  # stopped early (Ctrl-C): the heads ahead are not waited for
+            for _, _, future in started:  # stopped early (Ctrl-C): the heads ahead are not waited for
                 future.cancel()
             ahead.shutdown(wait=False, cancel_futures=True)
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from curate.core.config import ExecutorConfig
 from curate.core.pipeline import BoundStage, PhaseJob, ShardResult
 from curate.core.reader import ShardSpec
 from curate.executors.base import OnResult, overlapping_head, shards_in_flight
+from curate.executors.local import LocalExecutor
 from curate.executors.plan import Cluster, Node, Plan, make_plan, plan_phase
 
 _ROW_SCHEMA = pa.schema(
@@ -210,6 +212,176 @@ def _stderr_kept_on_error() -> Iterator[None]:
             os.close(saved)
 
 
+class _Fd2Held:
+    """What is written to file descriptor 2 (C++ code too) goes to a temporary file until ``end()``, replayed
+    there when asked; Python's ``sys.stderr`` meanwhile writes to the real one, so the driver's own output
+    (the progress of the shards it runs while the cluster starts) is not held back. Writes to descriptor 2
+    that do not go through ``sys.stderr`` while it is held are dropped unless the start fails."""
+
+    def __init__(self) -> None:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._capture = tempfile.TemporaryFile()  # noqa: SIM115 (closed in end())
+        os.dup2(self._capture.fileno(), 2)
+        self._python = sys.stderr
+        # Stays open until close(): another thread may still hold it after end().
+        self._real = open(os.dup(self._saved), "w", buffering=1, errors="replace")  # noqa: SIM115
+        sys.stderr = self._real
+
+    def end(self, replay: bool) -> None:
+        with contextlib.suppress(Exception):
+            self._real.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        sys.stderr = self._python
+        if replay:
+            self._capture.seek(0)
+            sys.stderr.write(self._capture.read().decode(errors="replace"))
+        self._capture.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._real.close()
+
+
+class _ClusterStart:
+    """``ray.init`` of a local cluster in a thread of its own, so that the driver can work while Ray starts
+    its processes (5-15 s on a small machine: benchmarks/RESULTS.md). The thread lives until the cluster is
+    shut down (``release``): Ray asks the kernel to end its processes when the thread that started them
+    ends (PR_SET_PDEATHSIG is per thread)."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self._done = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._fd2 = _Fd2Held()  # ray.init announces the log level it read, on fd 2
+        self._thread = threading.Thread(
+            target=self._start, args=(kwargs,), name="curate-ray-start", daemon=True
+        )
+        self._thread.start()
+
+    def _start(self, kwargs: dict[str, Any]) -> None:
+        import ray
+
+        try:
+            ray.init(**kwargs)
+        except BaseException as e:  # raised in the driver's thread by wait()
+            self._error = e
+        finally:
+            self._fd2.end(replay=self._error is not None)
+            self._done.set()
+        self._release.wait()
+
+    def wait(self) -> None:
+        """Until the cluster is up; ray.init's error, if it failed."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        """After ``ray.shutdown()`` (or a failed start): let the thread end."""
+        self._release.set()
+        self._thread.join(timeout=10)
+        self._fd2.close()
+
+
+def _resolved_local_node(kwargs: dict[str, Any]) -> Node | None:
+    """The node that ``ray.init(**kwargs)`` will start, as Ray resolves it (CPUs, GPUs, the ``memory``
+    resource), with ``kwargs`` made to ask for exactly that; None where Ray's resolver cannot be asked here
+    (the start then happens before the plan, as for a cluster that curate joins)."""
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        spec = ResourceAndLabelSpec(kwargs.get("num_cpus"), kwargs.get("num_gpus")).resolve(is_head=True)
+        cpus, gpus, memory = int(spec.num_cpus), int(spec.num_gpus), int(spec.memory)
+        store = int(spec.object_store_memory)
+    except Exception:  # Ray moved it
+        return None
+    kwargs.update(num_cpus=cpus, num_gpus=gpus, _memory=memory, object_store_memory=store)
+    return Node(float(cpus), float(gpus), memory, None)
+
+
+class _Shards:
+    """A phase's shards not yet taken, in order; taken one at a time by the Ray dispatcher and, while the
+    cluster starts, by the driver's lane (:class:`_DriverLane`), from two threads."""
+
+    def __init__(self, specs: list[ShardSpec]):
+        self._left = deque(specs)
+        self._lock = threading.Lock()
+        self.rows = max((s.rows for s in specs), default=0)
+
+    def __len__(self) -> int:
+        return len(self._left)
+
+    def take(self) -> ShardSpec | None:
+        with self._lock:
+            return self._left.popleft() if self._left else None
+
+    def until(self, stop: threading.Event) -> Iterator[ShardSpec]:
+        while not stop.is_set() and (spec := self.take()) is not None:
+            yield spec
+
+
+class _DriverLane:
+    """The driver runs a phase's shards itself (as the local executor does: the same stages, the same
+    lookahead, the same writer, so the same bytes) while the cluster it started comes up, taking shards from
+    the front until told to stop: once the first Ray worker of the phase is ready. The shards it has begun
+    it finishes; their stats name the driver as their node."""
+
+    def __init__(self, config: ExecutorConfig, job: PhaseJob, shards: _Shards, on_result: OnResult):
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        job = dataclasses.replace(job, writer=_DriverStampedWriter(job.writer))
+        self._thread = threading.Thread(
+            target=self._run, args=(config, job, shards, on_result), name="curate-driver-lane", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, config: ExecutorConfig, job: PhaseJob, shards: _Shards, on_result: OnResult) -> None:
+        try:
+            LocalExecutor(config).run_from(job, shards.until(self._stop), shards.rows, on_result)
+        except BaseException as e:  # raised in the driver's thread by join()
+            self._error = e
+
+    def stop(self) -> None:
+        """Take no more shards; finish those begun."""
+        self._stop.set()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class _DriverStampedWriter(_NodeStampedWriter):
+    """The job's writer in the driver's lane: the shard's stats name the driver (``node``: its IP, and
+    ``driver: true``), which is on a node of the cluster it started."""
+
+    def write(self, shard_id: str, table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
+        node = {"id": None, "ip": _this_ip(), "driver": True}
+        return self.writer.write(shard_id, table, {**stats, "node": node})
+
+
+def _this_ip() -> str | None:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return None
+
+
+def _locked(on_result: OnResult) -> OnResult:
+    """``on_result`` called from one thread at a time (the lane's and the dispatcher's)."""
+    lock = threading.Lock()
+
+    def report(result: ShardResult) -> None:
+        with lock:
+            on_result(result)
+
+    return report
+
+
 # Storage credentials, and where the models are (a driver's CURATE_MODEL_DIR must reach workers of a
 # cluster that was started before it was set).
 _STORAGE_ENV = (
@@ -342,6 +514,8 @@ class RayExecutor:
     def __init__(self, config: ExecutorConfig):
         self.config = config
         self._started = False
+        self._starting: _ClusterStart | None = None  # a local cluster starting in the background
+        self._local_node: Node | None = None  # its node, known before it is up
         self.plan: Plan | None = None
 
     def check(self) -> None:
@@ -383,14 +557,21 @@ class RayExecutor:
                 "logging_level": logging.ERROR,
                 "include_dashboard": self.config.dashboard,
             }
+            starts = False
             if address is None:
                 kwargs.update(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus)
-                if _starts_a_cluster():
+                starts = _starts_a_cluster()
+                if starts:
                     kwargs["_system_config"] = {"preload_python_modules": list(WORKER_PRELOAD)}
             if storage_env():
                 kwargs["runtime_env"] = {"env_vars": storage_env()}
-            with _stderr_kept_on_error():  # ray.init announces the log level it read, on fd 2
-                ray.init(address=address, **kwargs)
+            if starts and self.config.work_while_starting:
+                self._local_node = _resolved_local_node(kwargs)
+            if self._local_node is not None:
+                self._starting = _ClusterStart({"address": None, **kwargs})
+            else:
+                with _stderr_kept_on_error():  # ray.init announces the log level it read, on fd 2
+                    ray.init(address=address, **kwargs)
             self._started = True
         from ray.data import DataContext
 
@@ -418,18 +599,63 @@ class RayExecutor:
         ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits = (
             self._saved
         )
+        if self._starting is not None:
+            with contextlib.suppress(BaseException):  # a start that failed has already said why
+                self._starting.wait()
         if self._started:
             ray.shutdown()
+        if self._starting is not None:
+            self._starting.release()
+
+    def _connected(self) -> None:
+        """Until the cluster this executor starts in the background is up (at once otherwise)."""
+        if self._starting is not None:
+            self._starting.wait()
+
+    def _lane_for(self, job: PhaseJob, specs: list[ShardSpec]) -> bool:
+        """Whether the driver runs shards of this phase itself while its workers start: only on a cluster
+        that this executor started (so the driver's machine is its node), for a phase of one operator
+        without a model (a model would be loaded twice, and the plan gives the driver none)."""
+        if self._starting is None or len(specs) < 2:
+            return False
+        op = self._phase_plan(job).operators
+        return len(op) == 1 and op[0].kind == "tasks"
 
     def run_phase(self, job: PhaseJob, specs: list[ShardSpec], on_result: OnResult) -> None:
-        pending = list(specs)
-        by_id = {s.id: s for s in specs}
+        """Every shard of ``specs`` through the phase on the cluster, failed ones again in a new round, up to
+        ``max_shard_retries``. On a cluster that this executor starts, the driver runs the first shards
+        itself (:class:`_DriverLane`, with its own retries) until the phase's first Ray worker is ready."""
+        shards, lane = _Shards(specs), None
+        if self._lane_for(job, specs):
+            on_result = _locked(on_result)
+            lane = _DriverLane(self.config, job, shards, on_result)
+        try:
+            self._connected()
+            self._rounds(job, shards, lane, on_result, {s.id: s for s in specs})
+        except BaseException:  # Ctrl-C, a cluster that failed to start: the lane's shards are not waited for
+            if lane is not None:
+                lane.stop()
+            raise
+        if lane is not None:
+            lane.stop()
+            lane.join()  # the shards it took are reported (and retried) by it
+
+    def _rounds(
+        self,
+        job: PhaseJob,
+        shards: _Shards,
+        lane: _DriverLane | None,
+        on_result: OnResult,
+        by_id: dict[str, ShardSpec],
+    ) -> None:
+        """Round 1 on ``shards`` (beside the driver's ``lane``, if any), then the shards that failed on Ray
+        again, each in a round of its own."""
         tries = 1 + self.config.max_shard_retries
         for attempt in range(1, tries + 1):
-            if not pending:
+            if not shards:
                 return
             failed: list[ShardResult] = []
-            for result in self._run_once(job, pending):
+            for result in self._run_once(job, shards, lane if attempt == 1 else None):
                 result.attempts = attempt
                 if result.ok:
                     on_result(result)
@@ -438,17 +664,25 @@ class RayExecutor:
             if attempt == tries:
                 for result in failed:
                     on_result(result)
-            pending = [by_id[r.shard] for r in failed]
+            shards = _Shards([by_id[r.shard] for r in failed])
 
     def prepare(self, phases: list[list[Any]]) -> Plan:
         """The plan on the Ray cluster as it is now: its nodes' CPUs, GPUs and memory (Ray's ``memory``
-        resource: what tasks and actors may hold), and the GPUs' memory, asked of one GPU."""
-        self.plan = make_plan(phases, ray_cluster())
+        resource: what tasks and actors may hold), and the GPUs' memory, asked of one GPU. A local cluster
+        that is still starting is planned from the node Ray was asked to start (without GPUs: else the plan
+        waits for the cluster, to ask a GPU its memory)."""
+        if self._local_node is not None and self._local_node.gpus == 0:
+            cluster = Cluster((self._local_node,), "the Ray cluster")
+        else:
+            self._connected()
+            cluster = ray_cluster()
+        self.plan = make_plan(phases, cluster)
         return self.plan
 
     def fit(self, bound: BoundStage, shards: Any) -> None:
         """A fit that uses GPUs runs as a Ray task holding them, where the cluster has GPUs (the driver's
         machine may have none); any other fit runs here, in the driver."""
+        self._connected()
         options = fit_options(bound, self.plan.cluster if self.plan else ray_cluster())
         if options is None:
             bound.stage.fit(shards)
@@ -466,22 +700,21 @@ class RayExecutor:
             options["runtime_env"] = {"env_vars": storage_env()}
         ray.get(ray.remote(_fit_task).options(**options).remote(bound.stage, shards))
 
-    def _run_once(self, job: PhaseJob, specs: list[ShardSpec]) -> Iterator[ShardResult]:
-        items = [
-            {"shard": json.dumps(s.to_dict()), "data": b"", "timings": "{}", "error": None} for s in specs
-        ]
+    def _run_once(self, job: PhaseJob, shards: _Shards, lane: _DriverLane | None) -> Iterator[ShardResult]:
         phase = self._phase_plan(job)
         if phase.single:
-            yield from self._run_whole(job, items, phase.operators[0])
+            yield from self._run_whole(job, shards, phase.operators[0], lane)
         else:
-            yield from self._run_split(job, items, phase.operators)
+            yield from self._run_split(job, [_item(s) for s in iter(shards.take, None)], phase.operators)
 
     def _phase_plan(self, job: PhaseJob) -> Any:
         if self.plan is not None:
             return self.plan.phases[job.index]
         return plan_phase(job.stages, ray_cluster(), job.index)  # run_phase without prepare()
 
-    def _run_whole(self, job: PhaseJob, items: list[dict[str, Any]], op: Any) -> Iterator[ShardResult]:
+    def _run_whole(
+        self, job: PhaseJob, shards: _Shards, op: Any, lane: _DriverLane | None = None
+    ) -> Iterator[ShardResult]:
         """The phase as one operator, on Ray core: ``slots`` tasks (or actors, when a stage has a model) at a
         time, each reading, processing and writing a whole shard. Not Ray Data: its actor pools took about
         4 s more to start per run on a 2-CPU node (benchmarks/RESULTS.md), and nothing here needs its
@@ -490,15 +723,20 @@ class RayExecutor:
         A phase whose head overlaps shards (the download stage) runs as threaded actors instead of tasks,
         each given ``shards_in_flight`` shards at a time (the download stage's setting): the next shards'
         downloads take the sockets the current shard's slowest URLs leave idle, and an actor keeps its
-        sockets, robots.txt and DNS caches from shard to shard."""
+        sockets, robots.txt and DNS caches from shard to shard.
+
+        With the driver's ``lane`` running, shards are taken only once a worker is ready (or the lane has
+        taken them all), and the lane then stops taking them."""
         import ray
 
-        slots = min(op.concurrency, len(items))
+        slots = min(op.concurrency, len(shards))
+        if slots == 0:  # the driver's lane took them all
+            return
         options: dict[str, Any] = {**op.ray_options(), "scheduling_strategy": "SPREAD"}
         if storage_env():  # also reaches a cluster that was running before this driver
             options["runtime_env"] = {"env_vars": storage_env()}
-        depth = shards_in_flight(overlapping_head(job.stages), max((_spec(r).rows for r in items), default=0))
-        overlapping = depth > 1 and len(items) > 1
+        depth = shards_in_flight(overlapping_head(job.stages), shards.rows)
+        overlapping = depth > 1 and len(shards) > 1
         actors = op.kind == "actors" or overlapping
         if overlapping:
             actor = ray.remote(_OverlappingPhaseActor).options(**options, max_concurrency=depth)
@@ -522,15 +760,18 @@ class RayExecutor:
 
         # Each worker once, then (overlapping) each again, up to its depth: the first shards spread over them.
         idle = [w for _ in range(depth if overlapping else 1) for w in reversed(workers)]
-        todo, running = list(reversed(items)), {}
+        running: dict[Any, tuple[Any, dict[str, Any]]] = {}
         try:
-            while todo or running:
-                while todo and idle:
-                    worker, row = idle.pop(), todo.pop()
+            if lane is not None:
+                _first_ready(workers if actors else [], shards, lane)
+            while True:
+                while idle and (spec := shards.take()) is not None:
+                    worker, row = idle.pop(), _item(spec)
                     running[submit(worker, row)] = (worker, row)
-                if not running:  # every actor died: the rest fail this round
-                    row = todo.pop()
-                    yield _result({**row, "error": "no Ray actor left to run the shard"})
+                if not running:  # done, or every actor died: the rest fail this round
+                    if (spec := shards.take()) is None:
+                        return
+                    yield _result({**_item(spec), "error": "no Ray actor left to run the shard"})
                     continue
                 [ref], _ = ray.wait(list(running), num_returns=1)
                 worker, row = running.pop(ref)
@@ -640,6 +881,27 @@ def _gpu_memory() -> int | None:
         return ray.get(ref, timeout=120)
     except Exception:  # no torch there, or no GPU free for a minute: the plan goes without it
         return None
+
+
+def _item(spec: ShardSpec) -> dict[str, Any]:
+    """The row of a shard that has not run yet."""
+    return {"shard": json.dumps(spec.to_dict()), "data": b"", "timings": "{}", "error": None}
+
+
+def _first_ready(actors: list[Any], shards: _Shards, lane: _DriverLane) -> None:
+    """Wait until one of the phase's ``actors`` is ready (its process started, the job set up) while the
+    driver's ``lane`` runs shards, then stop the lane. Also returns once the lane has taken every shard (the
+    actors then get none); tasks (no actors) need no wait."""
+    import ray
+
+    ready = [a.__ray_ready__.remote() for a in actors]
+    try:
+        while ready and len(shards):
+            done, ready = ray.wait(ready, num_returns=1, timeout=0.2)
+            if done:
+                return
+    finally:
+        lane.stop()
 
 
 def _result(row: dict[str, Any]) -> ShardResult:

@@ -99,6 +99,45 @@ class Sleep(Stage):
         return table
 
 
+class WhereRunConfig(StrictModel):
+    marks: str = Field(description="folder: a file per shard, <first uid>.driver or <first uid>.ray")
+    in_flight: int = Field(2, ge=1, description="its shards_in_flight")
+    hold: float = Field(
+        120.0, gt=0, description="seconds a shard in the driver waits for a Ray worker, at most"
+    )
+
+
+class WhereRun(Stage):
+    """Test stage for the Ray executor's driver lane: an overlapping head (as the download stage) that marks
+    where each shard ran, the driver or a Ray worker. In the driver it holds its shard until a Ray worker has
+    marked one, so that the driver runs exactly the shards it took before the cluster's workers were ready."""
+
+    name = "where_run"
+    Config = WhereRunConfig
+    reads = ("uid",)
+    writes = ()
+    overlaps_shards = True
+
+    def shards_in_flight(self, shard_rows: int) -> int:
+        return self.config.in_flight
+
+    def setup(self) -> None:
+        from ray._private import worker  # here, in one thread: two threads importing Ray at once fail
+
+        self.worker = worker
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        in_ray = self.worker.global_worker.mode == self.worker.WORKER_MODE
+        marks = Path(self.config.marks)
+        (marks / f"{table['uid'][0].as_py()}.{'ray' if in_ray else 'driver'}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + self.config.hold
+        while not in_ray and not any(marks.glob("*.ray")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no Ray worker ran a shard in {self.config.hold:g} s")
+            time.sleep(0.05)
+        return table
+
+
 class FailConfig(StrictModel):
     rows: list[int] = Field(description="input_index values whose shard fails")
     times: int = Field(1, ge=0, description="fail this many attempts, then succeed; counted in state_dir")
@@ -191,7 +230,7 @@ class Planted(Stage):
         return table
 
 
-TEST_STAGES = (SyntheticImage, CaptionChars, Sleep, Fail, KeepLongest, Planted)
+TEST_STAGES = (SyntheticImage, CaptionChars, Sleep, WhereRun, Fail, KeepLongest, Planted)
 
 
 def register_test_stages() -> None:
