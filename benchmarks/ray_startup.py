@@ -15,12 +15,17 @@ to a file as they happen. Prints each step's median over the repeats, from the p
     worker imports     -> curate imported there (about 0 where the worker imported it as it started)
     stage setup        -> the actor is made: the job unpickled and each stage's setup() (a model load; none
                        for download)
-    first shard runs   -> the first shard's first step: the whole start-up, from the process's start
+    first shard runs   -> the first shard's first step on a Ray worker: the whole start-up, from the process's
+                       start
+    first shard done   -> the first shard's result (whoever ran it: with --lane, the driver)
     work               -> the last shard's result
     ray.shutdown       the cluster stopping (with --warm: leaving it)
     total              the process, start to exit (wall seconds, as the parent sees it)
 
-With ``--warm``, every repeat also runs on a cluster started once before the runs (``ray start``, as a user
+The runs set ``executor.work_while_starting: false``, so that every shard waits for Ray's workers; with
+``--lane`` every repeat also runs with it on (the default), the driver running the first shards while the
+cluster starts (only "first shard done" and "total" then say something). With ``--warm``, every repeat also
+runs on a cluster started once before the runs (``ray start``, as a user
 keeps one for many runs with ``curate run --address``). With ``--before DIR``, every repeat also runs the
 curate package found under DIR (a tree laid out as installed: DIR/curate/, DIR/curate/stages/, ...). The
 variants are interleaved, their order turning each repeat, so that load on a shared machine favours none;
@@ -149,6 +154,7 @@ STEPS = (
     "worker imports",
     "stage setup",
     "first shard runs",
+    "first shard done",
     "work",
     "ray.shutdown",
     "total",
@@ -164,7 +170,12 @@ def _breakdown(events: list[dict], wall: float) -> dict[str, float]:
         times = [e["t"] for e in among if e["event"] == name] or [default]
         return max(times) if last else min(times)
 
-    first_step = min((e for e in workers if e["event"] == "step"), key=lambda e: e["t"])
+    nan = float("nan")
+    first_done = at("result", mine) - driver["process_start"]
+    steps = [e for e in workers if e["event"] == "step"]
+    if not steps:  # the driver ran every shard (--lane)
+        return {**dict.fromkeys(STEPS, nan), "first shard done": first_done, "total": wall}
+    first_step = min(steps, key=lambda e: e["t"])
     runner = [e for e in workers if e["pid"] == first_step["pid"]]
     plan_end = at("plan_end", mine)
     imported = at("curate_imported", runner)
@@ -177,6 +188,7 @@ def _breakdown(events: list[dict], wall: float) -> dict[str, float]:
         "worker imports": imported - at("probe_import", runner),
         "stage setup": at("actor_ready", runner, default=imported) - imported,  # tasks: no actor
         "first shard runs": first_step["t"] - driver["process_start"],
+        "first shard done": first_done,
         "work": at("result", mine, last=True) - first_step["t"],
         "ray.shutdown": at("shutdown_end", mine) - at("shutdown_begin", mine),
         "total": wall,
@@ -198,7 +210,7 @@ def _serve(folder: str):
     return server
 
 
-def _make_pipeline(tmp, rows: int, shard_size: int, host_port: str, num_cpus: int) -> str:
+def _make_pipeline(tmp, rows: int, shard_size: int, host_port: str, num_cpus: int, lane: bool = False) -> str:
     import io
 
     import numpy as np
@@ -208,7 +220,7 @@ def _make_pipeline(tmp, rows: int, shard_size: int, host_port: str, num_cpus: in
     from PIL import Image
 
     images = tmp / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(rows):
         buf = io.BytesIO()
@@ -223,13 +235,14 @@ def _make_pipeline(tmp, rows: int, shard_size: int, host_port: str, num_cpus: in
         "input": {"path": str(tmp / "in.parquet"), "url_col": "URL", "caption_col": "TEXT"},
         "output": {"path": str(tmp / "out"), "report": False},
         "shard_size": shard_size,
-        "executor": {"kind": "ray", "num_cpus": num_cpus},
+        "executor": {"kind": "ray", "num_cpus": num_cpus, "work_while_starting": lane},
         "stages": [
             {"stage": "download", "allow_private": [host_port], "robots_txt": False, "image_size": 32},
         ],
     }
-    (tmp / "p.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    return str(tmp / "p.yaml")
+    name = "p-lane.yaml" if lane else "p.yaml"
+    (tmp / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(tmp / name)
 
 
 def main() -> None:
@@ -252,6 +265,11 @@ def main() -> None:
         action="store_true",
         help="also run on a cluster started once before the runs (`ray start`), as `curate run --address` does",
     )
+    ap.add_argument(
+        "--lane",
+        action="store_true",
+        help="also run with executor.work_while_starting on: the driver runs shards while the cluster starts",
+    )
     args = ap.parse_args()
 
     here = str(Path(__file__).resolve().parent)
@@ -260,11 +278,14 @@ def main() -> None:
         variants["before"] = str(Path(args.before).resolve())
     if args.warm:
         variants["warm"] = None
+    if args.lane:
+        variants["lane"] = None
     with tempfile.TemporaryDirectory() as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         server = _serve(str(tmp / "images"))
         host_port = f"127.0.0.1:{server.server_address[1]}"
         pipeline = _make_pipeline(tmp, args.rows, args.shard_size, host_port, args.num_cpus)
+        lane_pipeline = _make_pipeline(tmp, args.rows, args.shard_size, host_port, args.num_cpus, lane=True)
         address = None
         if args.warm:  # a head node of its own (temp dir, ports), stopped by killing its processes
             sys.path.insert(0, str(Path(here).parent / "tests"))
@@ -295,7 +316,13 @@ def main() -> None:
                 env["CURATE_RAY_STARTUP_T0"] = repr(time.time())
                 start = time.perf_counter()
                 done = subprocess.run(
-                    [sys.executable, __file__, "--child", pipeline, address if variant == "warm" else ""],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        lane_pipeline if variant == "lane" else pipeline,
+                        address if variant == "warm" else "",
+                    ],
                     env=env,
                     capture_output=True,
                     text=True,
@@ -316,7 +343,8 @@ def main() -> None:
                 runs[variant].append(steps)
                 print(
                     f"repeat {repeat + 1} {variant:>9}: load {load:.2f}, first shard runs at "
-                    f"{steps['first shard runs']:.2f} s, total {wall:.2f} s",
+                    f"{steps['first shard runs']:.2f} s, first done at {steps['first shard done']:.2f} s, "
+                    f"total {wall:.2f} s",
                     flush=True,
                 )
         server.shutdown()
