@@ -22,6 +22,7 @@ it wants Ray's authentication token, that this process will send the right one (
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -331,6 +332,9 @@ class _DriverLane:
     def __init__(self, config: ExecutorConfig, job: PhaseJob, shards: _Shards, on_result: OnResult):
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        # A copy: the lane sets its stages up here (a download stage's socket pool and locks), and the job the
+        # Ray workers are sent must stay as it was, picklable and not set up.
+        job = copy.deepcopy(job)
         job = dataclasses.replace(job, writer=_DriverStampedWriter(job.writer))
         self._thread = threading.Thread(
             target=self._run, args=(config, job, shards, on_result), name="curate-driver-lane", daemon=True

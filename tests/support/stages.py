@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -125,6 +126,7 @@ class WhereRun(Stage):
         from ray._private import worker  # here, in one thread: two threads importing Ray at once fail
 
         self.worker = worker
+        self.lock = threading.Lock()  # state that does not pickle, as the download stage's socket pool
 
     def __call__(self, table: pa.Table) -> pa.Table:
         in_ray = self.worker.global_worker.mode == self.worker.WORKER_MODE
