@@ -12,7 +12,10 @@ reported. Each shard's stats file names the Ray node that wrote it (``node``).
 
 ``ray.init()`` with no address starts a local cluster (quietly, no dashboard unless asked; its workers import
 curate as they start, so that a folder named ``curate`` in the working directory is never what they import:
-``WORKER_PRELOAD``);
+``WORKER_PRELOAD``). It starts in a thread of its own (``_ClusterStart``): the plan is made from the node Ray
+is asked to start, and while the cluster comes up the driver runs the first shards of a phase without a model
+itself, with the local executor's code, until the phase's first Ray worker is ready (``_DriverLane``;
+``executor.work_while_starting``);
 ``executor.address`` or ``RAY_ADDRESS`` joins an existing one, after a quick check that it answers and, when
 it wants Ray's authentication token, that this process will send the right one (``check_token``: otherwise exit
 2 saying what to set, rather than ray.init's retries). A cluster that is already initialised in this process
