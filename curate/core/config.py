@@ -193,7 +193,7 @@ class ExecutorConfig(StrictModel):
     dashboard: bool = Field(False, description="start Ray's dashboard with a local cluster")
     work_while_starting: bool = Field(
         True,
-        description="while a local Ray cluster that curate starts comes up (5-15 s on a small machine), the "
+        description="while a local Ray cluster that curate starts comes up (about 6 s on 2 cores), the "
         "driver runs the first shards of each phase without a model itself, until the phase's first Ray "
         "worker is ready; false: only Ray's workers run shards",
     )

@@ -197,25 +197,6 @@ def _stamped(job: PhaseJob) -> PhaseJob:
     return dataclasses.replace(job, writer=_NodeStampedWriter(job.writer))
 
 
-@contextlib.contextmanager
-def _stderr_kept_on_error() -> Iterator[None]:
-    """Capture what is written to file descriptor 2 (C++ code too); replay it if the block raises."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 class _Fd2Held:
     """What is written to file descriptor 2 (C++ code too) goes to a temporary file until ``end()``, replayed
     there when asked; Python's ``sys.stderr`` meanwhile writes to the real one, so the driver's own output
@@ -248,9 +229,25 @@ class _Fd2Held:
             self._real.close()
 
 
+@contextlib.contextmanager
+def _stderr_kept_on_error() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 (C++ code too) during the block; replay it if the block
+    raises."""
+    held = _Fd2Held()
+    try:
+        yield
+    except BaseException:
+        held.end(replay=True)
+        raise
+    else:
+        held.end(replay=False)
+    finally:
+        held.close()
+
+
 class _ClusterStart:
     """``ray.init`` of a local cluster in a thread of its own, so that the driver can work while Ray starts
-    its processes (5-15 s on a small machine: benchmarks/RESULTS.md). The thread lives until the cluster is
+    its processes (about 6 s on 2 cores: benchmarks/RESULTS.md). The thread lives until the cluster is
     shut down (``release``): Ray asks the kernel to end its processes when the thread that started them
     ends (PR_SET_PDEATHSIG is per thread)."""
 
